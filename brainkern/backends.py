@@ -1,0 +1,135 @@
+"""Which backend runs an op: the registry, the defaults per device, and ``use_backend``.
+
+Backends:
+- ``triton``: CUDA tensors; on a machine without a GPU the same kernels run on CPU tensors through
+  Triton's interpreter when ``TRITON_INTERPRET=1`` was set before brainkern imported Triton.
+- ``native``: CPU; the C++ GEMM core (float32) for matrix-shaped work, Numba for the rest.
+- ``numba``: CPU; every op in Numba.
+- ``torch``: torch's own ops, on any device and dtype: the reference and the baseline.
+
+Default: ``triton`` for CUDA tensors; for CPU tensors the fastest built CPU backend that serves
+the dtype (``native``, else ``numba``, else ``torch`` for the half types no CPU kernel has).
+A backend asked for explicitly (``use_backend`` or ``BRAINKERN_BACKEND``) on a device or dtype it
+cannot serve is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+ENV_VAR = "BRAINKERN_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    package: str  # kernels are found at f"{package}.{family}" or, for a flat module, package
+
+
+_FLOATS = (torch.float32, torch.float64)
+_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+BACKENDS = {
+    "triton": Backend("triton", ("cuda", "cpu"), _ALL_FLOATS, "brainkern.kernels.triton"),
+    "native": Backend("native", ("cpu",), _FLOATS, "brainkern.kernels.native"),
+    "numba": Backend("numba", ("cpu",), _FLOATS, "brainkern.kernels.numba"),
+    "torch": Backend("torch", ("cpu", "cuda"), _ALL_FLOATS, "brainkern.kernels.reference"),
+}
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "brainkern_backend", default=None
+)
+
+
+def _check_name(name: str, source: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {sorted(BACKENDS)}")
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine at all, or None if it can."""
+    if name == "native":
+        from brainkern.kernels import native
+
+        return None if native.is_built() else f"brainkern._native is not built ({native.why_not_built()})"
+    if name == "numba":
+        return None if importlib.util.find_spec("numba") else "numba is not installed"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not (torch.cuda.is_available() or triton_interpreting()):
+            return "no CUDA device, and TRITON_INTERPRET=1 was not set for Triton's interpreter"
+    return None
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends that can run on this machine, fastest first."""
+    return tuple(n for n in BACKENDS if _unavailable_reason(n) is None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the ``with`` block on backend ``name`` (thread- and task-local)."""
+    token = _override.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str | None:
+    """The backend asked for explicitly: ``use_backend`` first, then ``BRAINKERN_BACKEND``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR)
+    return _check_name(env, ENV_VAR) if env else None
+
+
+def _serves(backend: Backend, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot serve tensors of this device and dtype, or None if it can."""
+    if device.type not in backend.devices:
+        return f"it runs on {'/'.join(backend.devices)} tensors, not {device.type}"
+    if backend.name == "triton" and device.type == "cpu" and not triton_interpreting():
+        return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before import)"
+    if dtype not in backend.dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in backend.dtypes)
+        return f"it supports dtypes {names}, not {str(dtype).removeprefix('torch.')}"
+    return _unavailable_reason(backend.name)
+
+
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs an op on tensors of ``device`` and ``dtype``."""
+    name = requested_backend()
+    if name is not None:
+        why = _serves(BACKENDS[name], device, dtype)
+        if why is not None:
+            raise RuntimeError(f"backend {name!r} cannot run this op: {why}")
+        return name
+    order = ("triton", "torch") if device.type == "cuda" else ("native", "numba", "torch")
+    for candidate in order:
+        if _serves(BACKENDS[candidate], device, dtype) is None:
+            return candidate
+    raise RuntimeError(f"no brainkern backend serves {device.type} tensors of dtype {dtype}")
+
+
+def kernels(name: str, family: str):
+    """The kernel module of backend ``name`` for an op ``family`` ("linear", "conv", "pool")."""
+    package = BACKENDS[name].package
+    if name in ("native", "torch"):
+        return importlib.import_module(package)
+    return importlib.import_module(f"{package}.{family}")

@@ -1,0 +1,38 @@
+"""The ``torch`` backend: the kernel interface implemented with torch's own ops.
+
+It is the baseline the benchmarks compare against and the backend for dtypes and devices no
+hand-written kernel serves. Same functions and arguments as every other backend's kernels.
+"""
+
+import torch
+
+from brainkern.activations import NONE, Activation
+
+
+def _activation(act_code: int, act_param: float) -> Activation:
+    return Activation("", act_code, act_param)
+
+
+def matmul_forward(a, b, bias, out, pre, act_code, act_param):
+    """``out = act(a @ b + bias)``; ``pre = a @ b + bias`` when given. See kernels/__init__.py."""
+    if bias is None:
+        z = torch.mm(a, b, out=pre) if pre is not None else torch.mm(a, b)
+    else:
+        z = torch.addmm(bias, a, b, out=pre) if pre is not None else torch.addmm(bias, a, b)
+    if act_code == NONE:
+        out.copy_(z)
+    else:
+        out.copy_(_activation(act_code, act_param).forward(z))
+
+
+def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param, saved_is_output):
+    """``grad_pre = grad_out * act'(z)``; ``grad_bias = grad_pre.sum(0)`` when given."""
+    act = _activation(act_code, act_param)
+    assert act.saves_output == saved_is_output, "saved tensor does not match the activation"
+    torch.mul(grad_out, act.derivative(saved), out=grad_pre)
+    if grad_bias is not None:
+        grad_bias.copy_(grad_pre.sum(0, dtype=_accumulation_dtype(grad_pre.dtype)))
+
+
+def _accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,80 @@
+"""Backend selection: the registry, defaults per device, use_backend and BRAINKERN_BACKEND."""
+
+import pytest
+import torch
+
+import brainkern
+import brainkern.functional as BF
+from brainkern import backends
+
+
+def test_available_backends_names_what_runs_here():
+    names = brainkern.available_backends()
+    assert "torch" in names and "numba" in names
+    assert set(names) <= set(backends.BACKENDS)
+
+
+def test_default_cpu_backend_is_fastest_built():
+    expected = "native" if "native" in brainkern.available_backends() else "numba"
+    assert backends.select(torch.device("cpu"), torch.float32) == expected
+    # No CPU kernel serves the half types: the default falls back to torch's own ops.
+    assert backends.select(torch.device("cpu"), torch.bfloat16) == "torch"
+
+
+def test_default_cuda_backend_is_triton():
+    assert backends.select(torch.device("cuda"), torch.float16) in ("triton", "torch")
+
+
+def test_use_backend_nests_and_restores():
+    assert backends.requested_backend() is None
+    with brainkern.use_backend("numba"):
+        assert backends.select(torch.device("cpu"), torch.float32) == "numba"
+        with brainkern.use_backend("torch"):
+            assert backends.select(torch.device("cpu"), torch.float32) == "torch"
+        assert backends.requested_backend() == "numba"
+    assert backends.requested_backend() is None
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("BRAINKERN_BACKEND", "torch")
+    assert backends.select(torch.device("cpu"), torch.float32) == "torch"
+    with brainkern.use_backend("numba"):  # the context manager wins over the environment
+        assert backends.select(torch.device("cpu"), torch.float32) == "numba"
+    monkeypatch.setenv("BRAINKERN_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="BRAINKERN_BACKEND: unknown backend 'cudnn'"):
+        BF.linear(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"use_backend\(name\): unknown backend 'gpu'"):
+        with brainkern.use_backend("gpu"):
+            pass
+
+
+def test_backend_that_cannot_serve_the_device_is_an_error():
+    x = torch.randn(2, 3, device="meta")
+    w = torch.randn(4, 3, device="meta")
+    with brainkern.use_backend("numba"), pytest.raises(RuntimeError, match="runs on cpu tensors, not meta"):
+        BF.linear(x, w)
+
+
+def test_backend_that_cannot_serve_the_dtype_is_an_error():
+    x, w = torch.randn(2, 3, dtype=torch.float16), torch.randn(4, 3, dtype=torch.float16)
+    with brainkern.use_backend("numba"), pytest.raises(RuntimeError, match="not float16"):
+        BF.linear(x, w)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with brainkern.use_backend("triton"), pytest.raises(RuntimeError, match="interpreter"):
+        BF.linear(torch.randn(2, 3), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("backend", ["native", "numba"])
+def test_kernels_leave_torch_thread_count_alone(backend):
+    if backend not in brainkern.available_backends():
+        pytest.skip(f"{backend} is not built here")
+    before = torch.get_num_threads()
+    with brainkern.use_backend(backend):
+        BF.linear(torch.randn(64, 64), torch.randn(32, 64), activation="relu").sum()
+    assert torch.get_num_threads() == before

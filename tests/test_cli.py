@@ -1,0 +1,29 @@
+"""The `brainkern` command: info and bench run and say what they should."""
+
+import pytest
+
+from brainkern import bench, cli
+
+
+def test_info_names_backends_and_versions(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("brainkern 0.1.0", "torch", "numba", "native core", "GPU:", "available backends"):
+        assert needle in text
+
+
+def test_bench_linear_prints_a_table(monkeypatch, tmp_path, capsys):
+    # Only that it runs and reports every implementation: speed itself is never asserted here.
+    monkeypatch.setattr(bench, "time_call", lambda fn, **_: (fn(), 1e-3)[1])
+    out = tmp_path / "table.md"
+    assert cli.main(["bench", "linear", "--sizes", "32", "--batches", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for impl in bench.cpu_backends() + ["torch.mm (MKL)", "torch eager"]:
+        assert f"| {impl} |" in text
+    assert "gemm 32^3" in text and "linear 4x784->128+relu fwd+bwd" in text
+    assert out.read_text().startswith("# brainkern bench linear")
+
+
+def test_bench_rejects_unknown_op():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "conv9d"])

@@ -1,0 +1,165 @@
+"""The linear op family through the public API, on every backend that runs here.
+
+Oracle: torch in float64 (DESIGN.md section 4). Triton runs through its interpreter on the CPU,
+so it gets the smaller shapes.
+"""
+
+import pytest
+import torch
+
+import brainkern
+import brainkern.functional as BF
+from brainkern import backends
+from helpers import assert_close
+
+BACKENDS = backends.available_backends()
+ACTIVATIONS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu",
+               torch.nn.GELU(approximate="tanh"), torch.nn.LeakyReLU(-0.2)]
+SHAPES = [(1, 1, 1), (7, 13, 5), (127, 33, 17), (257, 40, 129)]  # (M, K, N)
+SMALL_SHAPES = SHAPES[:3]
+
+
+def shapes_for(backend):
+    return SMALL_SHAPES if backend == "triton" else SHAPES
+
+
+def reference(x, w, b, activation):
+    """float64 torch: the oracle."""
+    act = brainkern.activations.resolve(activation)
+    z = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    return z if act is None else act.forward(z)
+
+
+def check_linear(backend, x, w, b, activation, dtype=torch.float32):
+    """Forward and every gradient against the float64 oracle."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    with backends.use_backend(backend):
+        out = BF.linear(*leaves[:2], leaves[2] if b is not None else None, activation)
+    ref = reference(*ref_leaves[:2], ref_leaves[2] if b is not None else None, activation)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, what="output")
+    grad = torch.randn_like(ref)
+    with backends.use_backend(backend):
+        out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for name, leaf, ref_leaf in zip(("input", "weight", "bias"), leaves, ref_leaves):
+        assert_close(leaf.grad, ref_leaf.grad, dtype, what=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_linear_every_activation(backend, activation):
+    for m, k, n in shapes_for(backend):
+        check_linear(backend, torch.randn(m, k), torch.randn(n, k), torch.randn(n), activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_float64_and_no_bias(backend, bias):
+    x, w = torch.randn(9, 21), torch.randn(11, 21)
+    check_linear(backend, x, w, torch.randn(11) if bias else None, "tanh", torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu", torch.nn.LeakyReLU(-0.3), None], ids=str)
+def test_linear_gradcheck(backend, activation):
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with backends.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *t: BF.linear(*t, activation=activation), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)])
+def test_linear_zero_size(backend, shape):
+    m, k, n = shape
+    check_linear(backend, torch.randn(m, k), torch.randn(n, k), torch.randn(n), "sigmoid")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_non_contiguous_and_leading_dims(backend):
+    # input: a strided slice with two leading dims; weight: a transposed view.
+    base = torch.randn(2, 6, 3 * 17)
+    x = base[:, ::2, ::3].detach().requires_grad_()
+    w_t = torch.randn(17, 9)
+    w = w_t.t().detach().requires_grad_()
+    b = torch.randn(9, requires_grad=True)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    with backends.use_backend(backend):
+        out = BF.linear(x, w, b, "silu")
+        out.sum().backward()  # sum's gradient is an expanded, stride-0 tensor
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.silu(torch.nn.functional.linear(x64, w64, b64))
+    ref.sum().backward()
+    assert out.shape == (2, 3, 9)
+    assert_close(out, ref, torch.float32)
+    for t, r in ((x, x64), (w, w64), (b, b64)):
+        assert_close(t.grad, r.grad, torch.float32, what="gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_unbatched_input(backend):
+    x, w, b = torch.randn(6), torch.randn(4, 6), torch.randn(4)
+    with backends.use_backend(backend):
+        out = BF.linear(x, w, b, "relu")
+    assert out.shape == (4,)
+    assert_close(out, torch.relu(torch.nn.functional.linear(x.double(), w.double(), b.double())),
+                 torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shapes", [((5,), (5,)), ((3, 5), (5,)), ((5,), (5, 4)), ((3, 5), (5, 4)),
+                                    ((2, 3, 5), (5, 4)), ((2, 3, 5), (2, 5, 4)), ((5,), (2, 5, 4)),
+                                    ((3, 1, 3, 5), (2, 5, 4))], ids=str)
+def test_matmul_follows_torch_matmul(backend, shapes):
+    a = torch.randn(*shapes[0], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(*shapes[1], dtype=torch.float64, requires_grad=True)
+    with backends.use_backend(backend):
+        out = BF.matmul(a, b)
+        out.sum().backward()
+    ref_a, ref_b = (t.detach().requires_grad_() for t in (a, b))
+    ref = torch.matmul(ref_a, ref_b)
+    ref.sum().backward()
+    assert out.shape == ref.shape
+    assert_close(out, ref)
+    assert_close(a.grad, ref_a.grad, what="d a")
+    assert_close(b.grad, ref_b.grad, what="d b")
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((torch.randn(3, 5), torch.randn(4, 6)), ValueError, "input: last dimension 5"),
+        ((torch.randn(3, 5), torch.randn(4, 5), torch.randn(3)), ValueError, r"bias: expected shape \(4,\)"),
+        ((torch.randn(3, 5), torch.randn(4, 5, 1)), ValueError, "weight: expected a 2-D"),
+        ((torch.randn(3, 5), torch.randn(4, 5), torch.randn(4, 1)), ValueError, "bias: expected a 1-D"),
+        ((torch.tensor(1.0), torch.randn(4, 1)), ValueError, "input: expected at least 1 dim"),
+        ((torch.randn(3, 5), torch.randn(4, 5, dtype=torch.float64)), TypeError, "weight: dtype"),
+        ((torch.randn(3, 5), torch.randn(4, 5), torch.randn(4, dtype=torch.float64)), TypeError, "bias: dtype"),
+        ((torch.randn(3, 5), torch.randn(4, 5, device="meta")), ValueError, "weight: on device meta"),
+        ((torch.ones(3, 5, dtype=torch.int64), torch.randn(4, 5)), TypeError, "input: expected a floating"),
+        (([[1.0]], torch.randn(1, 1)), TypeError, "input: expected a torch.Tensor"),
+    ],
+)
+def test_linear_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        BF.linear(*args)
+
+
+def test_bad_activation():
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="activation: unknown name 'relu6'"):
+        BF.linear(x, w, activation="relu6")
+    with pytest.raises(TypeError, match="activation: expected None"):
+        BF.linear(x, w, activation=torch.nn.Softmax())
+
+
+def test_matmul_bad_input():
+    with pytest.raises(ValueError, match="b: its reduction dimension 4"):
+        BF.matmul(torch.randn(3, 5), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        BF.matmul(torch.tensor(2.0), torch.randn(4, 2))
+    with pytest.raises(TypeError, match="b: dtype"):
+        BF.matmul(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))
