@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import os
@@ -60,20 +61,24 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _unavailable_reason(name: str) -> str | None:
-    """Why backend ``name`` cannot run on this machine at all, or None if it can."""
+@functools.lru_cache(maxsize=None)
+def _not_installed_reason(name: str) -> str | None:
+    """Why backend ``name``'s kernels cannot be loaded here (cached: it cannot change)."""
     if name == "native":
         from brainkern.kernels import native
 
         return None if native.is_built() else f"brainkern._native is not built ({native.why_not_built()})"
-    if name == "numba":
-        return None if importlib.util.find_spec("numba") else "numba is not installed"
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        if not (torch.cuda.is_available() or triton_interpreting()):
-            return "no CUDA device, and TRITON_INTERPRET=1 was not set for Triton's interpreter"
+    if name in ("numba", "triton") and importlib.util.find_spec(name) is None:
+        return f"{name} is not installed"
     return None
+
+
+def _unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine at all, or None if it can."""
+    why = _not_installed_reason(name)
+    if why is None and name == "triton" and not (torch.cuda.is_available() or triton_interpreting()):
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set for Triton's interpreter"
+    return why
 
 
 def available_backends() -> tuple[str, ...]:

@@ -12,26 +12,43 @@ TOLERANCE = {
 TF32_TOLERANCE = 5e-4
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64; NaN anywhere it is not also NaN in ref fails."""
+def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """||out - ref|| / ||scale or ref||, in float64; NaN where ref has none (or the reverse) fails.
+
+    ``scale`` is the magnitude rounding errors are relative to, e.g. ``|x| @ |w|^T + |b|`` for a
+    GEMM: the textbook bound |fl(x.w) - x.w| <= gamma_K |x|.|w|. Without it a single output that
+    cancels to nearly zero (gelu of a negative sum, say) fails a correct kernel.
+    """
     out = out.detach().to(torch.float64).cpu()
     ref = ref.detach().to(torch.float64).cpu()
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     nan_out, nan_ref = torch.isnan(out), torch.isnan(ref)
     assert torch.equal(nan_out, nan_ref), "NaN where the reference has none (or the reverse)"
-    out, ref = out[~nan_ref], ref[~nan_ref]
+    denom_source = ref if scale is None else scale.detach().to(torch.float64).cpu()
+    out, ref, denom_source = out[~nan_ref], ref[~nan_ref], denom_source[~nan_ref]
     if ref.numel() == 0:
         return 0.0
-    denom = ref.norm().item()
+    denom = denom_source.norm().item()
     diff = (out - ref).norm().item()
     return diff if denom == 0.0 else diff / denom
 
 
-def assert_close(out, ref, dtype=None, tol=None, what="output"):
+def assert_close(out, ref, dtype=None, tol=None, what="output", scale=None):
     """Assert the relative norm error of ``out`` against the float64 ``ref`` is within tol."""
     tol = tol if tol is not None else TOLERANCE[dtype or out.dtype]
-    err = rel_err(out, ref)
+    err = rel_err(out, ref, scale)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def gemm_error_scales(x, w, b, grad):
+    """Magnitudes the float rounding of y = x @ w^T + b and its gradients is relative to.
+
+    Returns scales for (output, d input, d weight, d bias) given the upstream gradient ``grad``;
+    the activations' derivatives are bounded by ~1.13, so |grad| stands in for |dz|.
+    """
+    x, w, g = (t.detach().double().abs() for t in (x, w, grad))
+    out = x @ w.t() + (0 if b is None else b.detach().double().abs())
+    return out, g @ w, g.t() @ x, g.sum(0)
 
 
 def poisoned(*shape, dtype=torch.float32, device="cpu"):

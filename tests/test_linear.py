@@ -10,7 +10,7 @@ import torch
 import brainkern
 import brainkern.functional as BF
 from brainkern import backends
-from helpers import assert_close
+from helpers import assert_close, gemm_error_scales
 
 BACKENDS = backends.available_backends()
 ACTIVATIONS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu",
@@ -37,14 +37,15 @@ def check_linear(backend, x, w, b, activation, dtype=torch.float32):
     with backends.use_backend(backend):
         out = BF.linear(*leaves[:2], leaves[2] if b is not None else None, activation)
     ref = reference(*ref_leaves[:2], ref_leaves[2] if b is not None else None, activation)
-    assert out.dtype == dtype
-    assert_close(out, ref, dtype, what="output")
     grad = torch.randn_like(ref)
+    scales = gemm_error_scales(ref_leaves[0], ref_leaves[1], b, grad)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, what="output", scale=scales[0])
     with backends.use_backend(backend):
         out.backward(grad.to(dtype))
     ref.backward(grad)
-    for name, leaf, ref_leaf in zip(("input", "weight", "bias"), leaves, ref_leaves):
-        assert_close(leaf.grad, ref_leaf.grad, dtype, what=f"d {name}")
+    for name, leaf, ref_leaf, scale in zip(("input", "weight", "bias"), leaves, ref_leaves, scales[1:]):
+        assert_close(leaf.grad, ref_leaf.grad, dtype, what=f"d {name}", scale=scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -163,3 +164,25 @@ def test_matmul_bad_input():
         BF.matmul(torch.tensor(2.0), torch.randn(4, 2))
     with pytest.raises(TypeError, match="b: dtype"):
         BF.matmul(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", None], ids=str)
+def test_linear_on_gpu(dtype, activation):
+    from helpers import TF32_TOLERANCE, TOLERANCE
+
+    m, k, n = 257, 511, 129
+    x, w, b = (torch.randn(*s, device="cuda") for s in ((m, k), (n, k), (n,)))
+    tol = TF32_TOLERANCE if dtype == torch.float32 else TOLERANCE[dtype]
+    leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    out = BF.linear(*leaves, activation=activation)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference(*ref_leaves, activation)
+    assert_close(out, ref, tol=tol)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert_close(leaf.grad, ref_leaf.grad, tol=tol * 4, what="gradient")
