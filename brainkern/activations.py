@@ -134,8 +134,9 @@ _TORCH_FORWARD = {
 _TORCH_DERIVATIVE = {
     (NONE, True): lambda y, _: torch.ones_like(y),
     (RELU, True): lambda y, _: (y > 0).to(y.dtype),
-    (LEAKY_RELU, True): lambda y, p: torch.where(y > 0, 1.0, p).to(y.dtype),
-    (LEAKY_RELU, False): lambda z, p: torch.where(z > 0, 1.0, p).to(z.dtype),
+    # full_like keeps the slope in the tensor's dtype: a Python-scalar where() rounds it to fp32.
+    (LEAKY_RELU, True): lambda y, p: torch.full_like(y, p).masked_fill_(y > 0, 1.0),
+    (LEAKY_RELU, False): lambda z, p: torch.full_like(z, p).masked_fill_(z > 0, 1.0),
     (SIGMOID, True): lambda y, _: y * (1 - y),
     (TANH, True): lambda y, _: 1 - y * y,
     (GELU, False): lambda z, _: 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
