@@ -11,9 +11,8 @@ import torch
 
 from brainkern import activations
 from brainkern.activations import Activation
+from brainkern.kernels.triton import linear as triton_linear
 from helpers import TF32_TOLERANCE, assert_close, poisoned
-
-triton_linear = pytest.importorskip("brainkern.kernels.triton.linear")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
