@@ -32,14 +32,9 @@ class FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, act: Activation | None, backend: str):
         kern = backends.kernels(backend, "linear")
-        m, n = x.shape[0], weight.shape[0]
-        code, param = activations.code_and_param(act)
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        keeps_pre = act is not None and not act.saves_output
-        pre = torch.empty_like(out) if keeps_pre else None
-        kern.matmul_forward(x, weight.t(), bias, out, pre, code, param)
-        ctx.act, ctx.kern, ctx.has_bias = act, kern, bias is not None
-        ctx.save_for_backward(x, weight, pre if keeps_pre else (out if act is not None else None))
+        out, saved = _forward(kern, x, weight, bias, act)
+        ctx.act, ctx.kern = act, kern
+        ctx.save_for_backward(x, weight, saved)
         return out
 
     @staticmethod
@@ -70,6 +65,16 @@ class FusedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, None, None
 
 
+def _forward(kern, x, weight, bias, act):
+    """Run the forward kernel; returns (out, what backward keeps for the activation or None)."""
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    keeps_pre = act is not None and not act.saves_output
+    pre = torch.empty_like(out) if keeps_pre else None
+    code, param = activations.code_and_param(act)
+    kern.matmul_forward(x, weight.t(), bias, out, pre, code, param)
+    return out, (pre if keeps_pre else (out if act is not None else None))
+
+
 def linear(input, weight, bias=None, activation=None):
     """``act(input @ weight^T + bias)`` over any leading dimensions, as F.linear (+ activation).
 
@@ -96,8 +101,13 @@ def linear(input, weight, bias=None, activation=None):
     x2d = input if input.dim() == 2 else input.reshape(math.prod(lead), k)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    out = FusedLinear.apply(x2d, weight, bias, act, backend)
-    return out.reshape(*lead, n)
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        out = FusedLinear.apply(x2d, weight, bias, act, backend)
+    else:  # inference: skip autograd's bookkeeping, nothing will be saved
+        out = _forward(backends.kernels(backend, "linear"), x2d, weight, bias, act)[0]
+    return out if input.dim() == 2 else out.reshape(*lead, n)
 
 
 def matmul(a, b):
