@@ -1,0 +1,86 @@
+// brainkern._native: the Python face of the native core. Tensors cross as raw addresses plus
+// element strides and sizes (never torch objects: the build needs no libtorch). The binding
+// checks what it cheaply can, then releases the GIL for the work.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "dispatch.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string("matmul_forward: ") + what);
+}
+
+void matmul_forward(uintptr_t a, int64_t a_stride_m, int64_t a_stride_k, uintptr_t b,
+                    int64_t b_stride_k, int64_t b_stride_n, uintptr_t bias, uintptr_t out,
+                    int64_t out_stride_m, uintptr_t pre, int64_t pre_stride_m, int64_t m,
+                    int64_t n, int64_t k, int act_code, float act_param, int num_threads,
+                    const std::string& isa) {
+  require(m >= 0 && n >= 0 && k >= 0, "sizes must be non-negative");
+  require(a_stride_m >= 0 && a_stride_k >= 0 && b_stride_k >= 0 && b_stride_n >= 0,
+          "strides must be non-negative");
+  require(act_code >= 0 && act_code < bk::kActivationCount, "unknown activation code");
+  require(num_threads >= 1 && num_threads <= 4096, "num_threads must be in [1, 4096]");
+  require(m * k == 0 || a != 0, "a is null");
+  require(k * n == 0 || b != 0, "b is null");
+  require(m * n == 0 || out != 0, "out is null");
+  require(m <= 1 || out_stride_m >= n, "out rows overlap (out_stride_m < n)");
+  require(pre == 0 || m <= 1 || pre_stride_m >= n, "pre rows overlap (pre_stride_m < n)");
+  const bk::IsaKernels& kernels = bk::isa_kernels(isa);
+  const bk::GemmArgs g{reinterpret_cast<const float*>(a), a_stride_m, a_stride_k,
+                       reinterpret_cast<const float*>(b), b_stride_k, b_stride_n,
+                       reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
+                       out_stride_m, reinterpret_cast<float*>(pre), pre_stride_m,
+                       m, n, k, act_code, act_param};
+  py::gil_scoped_release release;
+  bk::gemm(kernels, g, num_threads);
+}
+
+double fma_peak_gflops(int num_threads, double seconds, const std::string& isa) {
+  if (num_threads < 1 || num_threads > 4096)
+    throw std::invalid_argument("fma_peak_gflops: num_threads must be in [1, 4096]");
+  if (!(seconds > 0.0 && seconds <= 60.0))
+    throw std::invalid_argument("fma_peak_gflops: seconds must be in (0, 60]");
+  const bk::IsaKernels& kernels = bk::isa_kernels(isa);
+  py::gil_scoped_release release;
+  return bk::fma_peak_gflops(kernels, num_threads, seconds);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "brainkern's native CPU core: packed SGEMM with a fused bias + activation epilogue.";
+  // Decide the ISA now, so a bad $BRAINKERN_NATIVE_ISA fails the import with its reason.
+  bk::default_isa();
+
+  m.def("isa", [] { return std::string(bk::default_isa().name); },
+        "The ISA calls run on by default: $BRAINKERN_NATIVE_ISA, else the best supported.");
+  m.def("supported_isas", &bk::supported_isas,
+        "ISAs built here that this CPU runs, best first (a subset of avx512, avx2, portable).");
+  m.def("matmul_forward", &matmul_forward, py::arg("a"), py::arg("a_stride_m"),
+        py::arg("a_stride_k"), py::arg("b"), py::arg("b_stride_k"), py::arg("b_stride_n"),
+        py::arg("bias"), py::arg("out"), py::arg("out_stride_m"), py::arg("pre"),
+        py::arg("pre_stride_m"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("act_code"),
+        py::arg("act_param"), py::arg("num_threads"), py::arg("isa") = "",
+        R"doc(out = act(A @ B + bias) in float32; pre = A @ B + bias when pre != 0.
+
+a: address of A (m, k), element (i, p) at a[i * a_stride_m + p * a_stride_k].
+b: address of B (k, n), element (p, j) at b[p * b_stride_k + j * b_stride_n].
+bias: address of (n,) contiguous floats, or 0 for none.
+out: address of (m, n), element (i, j) at out[i * out_stride_m + j]; must not alias a, b, bias.
+pre: address like out with pre_stride_m, or 0 for none.
+Strides count elements. act_code/act_param: brainkern.activations' table. num_threads: at
+most this many threads (fewer for small problems). isa: '' for isa(), else one of
+supported_isas(). k == 0 writes act(bias) (or act(0)). The GIL is released meanwhile.)doc");
+  m.def("fma_peak_gflops", &fma_peak_gflops, py::arg("num_threads"), py::arg("seconds"),
+        py::arg("isa") = "",
+        "GFLOP/s of independent multiply-adds in registers on num_threads threads for about "
+        "`seconds`: the machine's float32 peak as this ISA's kernels can use it.");
+}

@@ -1,0 +1,68 @@
+// What every translation unit of the native core shares: the GEMM's arguments and the table of
+// kernels each ISA translation unit exports.
+//
+// This header is compiled with every ISA's flags, so it holds only plain structs and
+// declarations: an inline function or template defined here would be emitted by each ISA
+// translation unit, and the linker may keep the AVX-512 copy for everyone (SIGILL elsewhere).
+#pragma once
+
+#include <cstdint>
+
+namespace bk {
+
+// Activation codes: brainkern/activations.py's table. Never renumber.
+enum Activation : int {
+  kNone = 0,
+  kRelu = 1,
+  kLeakyRelu = 2,
+  kSigmoid = 3,
+  kTanh = 4,
+  kGelu = 5,  // exact, erf form
+  kGeluTanh = 6,
+  kSilu = 7,
+  kActivationCount = 8,
+};
+
+// C = act(A @ B + bias), float32, with any element strides on A and B.
+//   a:    (m, k); element (i, p) at a[i * a_stride_m + p * a_stride_k].
+//   b:    (k, n); element (p, j) at b[p * b_stride_k + j * b_stride_n].
+//   bias: (n,) contiguous, or nullptr.
+//   out:  (m, n); element (i, j) at out[i * out_stride_m + j]. Also holds the partial sums
+//         between k blocks, so it must not alias a, b or bias.
+//   pre:  (m, n) like out with pre_stride_m, or nullptr; written with A @ B + bias.
+//   act, act_param: the activation (act_param is leaky_relu's negative slope).
+struct GemmArgs {
+  const float* a;
+  int64_t a_stride_m, a_stride_k;
+  const float* b;
+  int64_t b_stride_k, b_stride_n;
+  const float* bias;
+  float* out;
+  int64_t out_stride_m;
+  float* pre;
+  int64_t pre_stride_m;
+  int64_t m, n, k;
+  int act;
+  float act_param;
+};
+
+// One ISA's kernels. Cache blocking: a thread packs kc x nc of B (nc a multiple of nr) and
+// mc x kc of A (mc a multiple of mr) at a time, into buffers the caller provides.
+struct IsaKernels {
+  const char* name;
+  int mr, nr;
+  int64_t kc, mc, nc;
+  // Computes rows [m0, m1) x columns [n0, n1) of the GEMM, all of k. a_pack holds mc * kc
+  // floats, b_pack kc * nc floats, both 64-byte aligned.
+  void (*gemm_block)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                     float* a_pack, float* b_pack);
+  // Runs `iterations` rounds of independent multiply-adds; returns the FLOPs done.
+  double (*fma_burst)(int64_t iterations);
+};
+
+}  // namespace bk
+
+// One table per translation unit, each compiled with its own ISA flags.
+namespace bk_avx512 { const bk::IsaKernels& kernels(); }
+namespace bk_avx2 { const bk::IsaKernels& kernels(); }
+namespace bk_portable { const bk::IsaKernels& kernels(); }

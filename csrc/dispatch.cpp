@@ -1,0 +1,187 @@
+#include "dispatch.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+
+#include "thread_pool.h"
+
+namespace bk {
+namespace {
+
+// A thread's share must be worth waking it: 2^20 multiply-adds is ~15-30 us of work. Measured
+// on 2 cores (AVX2): 64^3 ran slower on 2 threads than on 1, 128^3 no faster, 192^3 faster.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
+
+struct IsaEntry {
+  const char* name;
+  bool (*supported)();
+  const IsaKernels& (*kernels)();
+};
+
+#if defined(BK_WITH_X86_ISAS)
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  // GCC's check also asks the OS (XGETBV) whether it saves the zmm state.
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("fma");
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+bool always() { return true; }
+
+const IsaEntry kIsas[] = {
+#if defined(BK_WITH_X86_ISAS)
+    {"avx512", cpu_has_avx512, bk_avx512::kernels},
+    {"avx2", cpu_has_avx2, bk_avx2::kernels},
+#endif
+    {"portable", always, bk_portable::kernels},
+};
+
+const IsaKernels* find_supported(const std::string& name) {
+  for (const IsaEntry& isa : kIsas)
+    if (name == isa.name && isa.supported()) return &isa.kernels();
+  return nullptr;
+}
+
+std::string unsupported_message(const std::string& name) {
+  std::string built, here;
+  bool is_built = false;
+  for (const IsaEntry& isa : kIsas) {
+    built += std::string(built.empty() ? "" : ", ") + isa.name;
+    is_built = is_built || name == isa.name;
+  }
+  for (const std::string& isa : supported_isas()) here += (here.empty() ? "" : ", ") + isa;
+  const std::string why = is_built ? "not supported by this CPU"
+                                    : "not one this extension was built with (" + built + ")";
+  return "ISA '" + name + "' is " + why + "; this CPU runs: " + here;
+}
+
+// Packing space, per thread and kept between calls: a fresh multi-MB buffer per call would be
+// a fresh mmap, paying its page faults every time.
+struct PackBuffer {
+  float* data = nullptr;
+  size_t floats = 0;
+  ~PackBuffer() { std::free(data); }
+  float* reserve(size_t need) {
+    if (need > floats) {
+      std::free(data);
+      data = nullptr;
+      floats = 0;
+      const size_t bytes = (need * sizeof(float) + 63) / 64 * 64;
+      data = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!data) throw std::bad_alloc();
+      floats = need;
+    }
+    return data;
+  }
+};
+thread_local PackBuffer t_a_pack, t_b_pack;
+
+int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+struct Grid {
+  int rows = 1, cols = 1;  // threads split C into rows x cols blocks
+};
+
+// Each thread packs the A rows and B columns of its own block (no sharing, no barriers), so a
+// grid is good when the slowest block's multiply-adds (h * w per k) plus its packing (~h + w
+// per k, weighted as a packed float costing ~16 lane-FMAs) are smallest.
+Grid choose_grid(const IsaKernels& isa, const GemmArgs& g, int threads) {
+  const int64_t work = g.m * g.n * std::max<int64_t>(g.k, 1);
+  const int64_t worth_waking = std::max<int64_t>(1, work / kMinWorkPerThread);
+  threads = static_cast<int>(std::min<int64_t>(threads, worth_waking));
+  const int64_t m_tiles = ceil_div(g.m, isa.mr), n_tiles = ceil_div(g.n, isa.nr);
+  Grid best;
+  double best_cost = -1.0;
+  for (int rows = 1; rows <= threads && rows <= m_tiles; ++rows) {
+    for (int cols = 1; rows * cols <= threads && cols <= n_tiles; ++cols) {
+      const double h = double(ceil_div(m_tiles, rows) * isa.mr);
+      const double w = double(ceil_div(n_tiles, cols) * isa.nr);
+      const double cost = h * w + 16.0 * (h + w);
+      if (best_cost < 0.0 || cost < best_cost) {  // ties keep the grid with fewer threads
+        best_cost = cost;
+        best = Grid{rows, cols};
+      }
+    }
+  }
+  return best;
+}
+
+// [begin, end) of part `i` of `parts` of [0, size), cut at multiples of `tile`.
+void split(int64_t size, int64_t tile, int parts, int i, int64_t* begin, int64_t* end) {
+  const int64_t tiles = ceil_div(size, tile);
+  *begin = std::min(size, tiles * i / parts * tile);
+  *end = std::min(size, tiles * (i + 1) / parts * tile);
+}
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const IsaEntry& isa : kIsas)
+    if (isa.supported()) names.emplace_back(isa.name);
+  return names;
+}
+
+const IsaKernels& default_isa() {
+  static const IsaKernels* chosen = [] {
+    const char* env = std::getenv("BRAINKERN_NATIVE_ISA");
+    const std::string wanted = env && *env ? env : supported_isas().front();
+    const IsaKernels* isa = find_supported(wanted);
+    if (!isa)
+      throw std::runtime_error("BRAINKERN_NATIVE_ISA: " + unsupported_message(wanted));
+    return isa;
+  }();
+  return *chosen;
+}
+
+const IsaKernels& isa_kernels(const std::string& name) {
+  if (name.empty()) return default_isa();
+  const IsaKernels* isa = find_supported(name);
+  if (!isa) throw std::invalid_argument(unsupported_message(name));
+  return *isa;
+}
+
+void gemm(const IsaKernels& isa, const GemmArgs& g, int threads) {
+  if (g.m == 0 || g.n == 0) return;
+  const Grid grid = choose_grid(isa, g, threads);
+  parallel_for(grid.rows * grid.cols, [&](int t) {
+    int64_t m0, m1, n0, n1;
+    split(g.m, isa.mr, grid.rows, t / grid.cols, &m0, &m1);
+    split(g.n, isa.nr, grid.cols, t % grid.cols, &n0, &n1);
+    if (m0 >= m1 || n0 >= n1) return;
+    const int64_t kc = std::min<int64_t>(isa.kc, std::max<int64_t>(g.k, 1));
+    const int64_t mc = std::min<int64_t>(isa.mc, ceil_div(m1 - m0, isa.mr) * isa.mr);
+    const int64_t nc = std::min<int64_t>(isa.nc, ceil_div(n1 - n0, isa.nr) * isa.nr);
+    isa.gemm_block(g, m0, m1, n0, n1, t_a_pack.reserve(size_t(mc * kc)),
+                   t_b_pack.reserve(size_t(kc * nc)));
+  });
+}
+
+double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds) {
+  using Clock = std::chrono::steady_clock;
+  std::vector<double> flops(size_t(threads), 0.0);
+  const auto start = Clock::now();
+  parallel_for(threads, [&](int t) {
+    const auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+    do {
+      flops[size_t(t)] += isa.fma_burst(1 << 16);  // ~0.1-1 ms per burst
+    } while (Clock::now() < deadline);
+  });
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  double total = 0.0;
+  for (double f : flops) total += f;
+  return total / elapsed / 1e9;
+}
+
+}  // namespace bk

@@ -1,0 +1,29 @@
+// Which ISA's kernels run, and the multi-threaded drivers around them. Compiled with baseline
+// flags only: nothing here may execute an AVX instruction before the CPU check.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace bk {
+
+// ISAs built into this extension that this CPU runs, best first: "avx512", "avx2", "portable".
+std::vector<std::string> supported_isas();
+
+// The default ISA: $BRAINKERN_NATIVE_ISA if set, else the best supported. Decided on the first
+// call; throws std::runtime_error if the variable names an unknown or unsupported ISA.
+const IsaKernels& default_isa();
+
+// The named ISA ("" means default_isa()); throws std::invalid_argument if it is unknown or
+// this CPU does not support it.
+const IsaKernels& isa_kernels(const std::string& name);
+
+// g (see GemmArgs) on up to `threads` threads; fewer when the problem is too small to share.
+void gemm(const IsaKernels& isa, const GemmArgs& g, int threads);
+
+// FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
+double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
+
+}  // namespace bk

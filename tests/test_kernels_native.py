@@ -1,0 +1,313 @@
+"""brainkern._native and its adapter, brainkern/kernels/native.py, at the kernel interface.
+
+Oracle: torch in float64 (DESIGN.md section 4), error as a relative norm (see
+assert_gemm_close for the norm). The float32 tolerance is helpers.TOLERANCE (1e-5) unscaled:
+the kernel sums k in float32 in blocks of 256, so the error grows ~sqrt(k) * 6e-8, 2e-6 at the
+largest k here.
+
+Every test that computes runs on each ISA this CPU supports: "portable" has the AVX-512
+kernels' exact geometry (16 lanes, 12 x 32 tile), so their tiling is tested even on a machine
+without AVX-512; "avx512" itself runs only where the CPU has it.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from brainkern import activations as A
+from brainkern.kernels import native
+from helpers import TOLERANCE, assert_close, poisoned, rel_err
+
+ISAS = ["avx512", "avx2", "portable"]
+ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, 0.01), (A.LEAKY_RELU, -0.2),
+               (A.SIGMOID, 0.0), (A.TANH, 0.0), (A.GELU, 0.0), (A.GELU_TANH, 0.0), (A.SILU, 0.0)]
+SHAPES = [(1, 1, 1), (7, 5, 13), (127, 33, 17), (257, 129, 40), (13, 300, 7)]  # (M, K, N)
+
+
+def built():
+    """The tests need the extension: fail, never skip, when it is missing."""
+    assert native.is_built(), f"brainkern._native is not built: {native.why_not_built()}"
+    return native
+
+
+def runs_here(isa):
+    if isa not in built().supported_isas():
+        pytest.skip(f"this CPU does not run {isa} (it runs {', '.join(native.supported_isas())})")
+    return isa
+
+
+def reference(a, b, bias, code, param):
+    """(pre, out) in float64 torch."""
+    z = a.double() @ b.double()
+    if bias is not None:
+        z = z + bias.double()
+    return z, activation_reference(z, code, param)
+
+
+def activation_reference(z, code, param):
+    """act(z) in float64. GELU as 0.5 z erfc(-z / sqrt 2), the same function: torch's
+    0.5 z (1 + erf(z / sqrt 2)) cancels for z << 0 even in float64 (-7 is 1e-5 off, -8 2%,
+    from -9 on it gives 0), which fails an accurate kernel on a 1 x 1 output."""
+    if code == A.GELU:
+        return 0.5 * z * torch.special.erfc(-z * 0.7071067811865476)
+    return A.Activation("", code, param).forward(z)
+
+
+def run(a, b, bias, code=A.NONE, param=0.0, pre=True, **kwargs):
+    """Calls the kernel on NaN-poisoned outputs, so an element it skips fails the check."""
+    m, n = a.shape[0], b.shape[1]
+    out = poisoned(m, n)
+    pre_out = poisoned(m, n) if pre else None
+    native.matmul_forward(a, b, bias, out, pre_out, code, param, **kwargs)
+    return pre_out, out
+
+
+def assert_gemm_close(out, ref, a, b, bias, what):
+    """helpers.rel_err's norm error, over ||ref|| + || |a| @ |b| + |bias| || instead of ||ref||.
+
+    float32 rounding error scales with the magnitudes summed, not with the result: a result
+    that cancels to ~0 (a 1 x 1 x 1 product does, for some seeds) has a large error relative to
+    itself from any float32 kernel, torch's included. Activations are Lipschitz (|act'| <= 1.13),
+    so the same bound holds after them.
+    """
+    rel_err(out, ref)  # asserts NaN exactly where ref has NaN
+    keep = ~ref.isnan()
+    magnitude = a.double().abs() @ b.double().abs()
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    diff = (out.double()[keep] - ref[keep]).norm().item()
+    scale = ref[keep].norm().item() + magnitude[keep].norm().item()
+    err = diff / scale if scale > 0 else diff
+    assert err <= TOLERANCE[torch.float32], f"{what}: relative error {err:.3e}"
+
+
+def check(a, b, bias, code=A.NONE, param=0.0, **kwargs):
+    pre, out = run(a, b, bias, code, param, **kwargs)
+    ref_pre, ref_out = reference(a, b, bias, code, param)
+    if pre is not None:
+        assert_gemm_close(pre, ref_pre, a, b, bias, "pre")
+    assert_gemm_close(out, ref_out, a, b, bias, f"out (activation {code}, {param})")
+    return out
+
+
+def test_built_with_the_isas_this_cpu_has():
+    isas = built().supported_isas()
+    assert isas[-1] == "portable" and native.isa() in isas
+    assert native.why_not_built() is None
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+        if flags:
+            avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"} <= set(flags)
+            assert ("avx512" in isas) == avx512
+            assert ("avx2" in isas) == ({"avx2", "fma"} <= set(flags))
+            assert native.isa() == isas[0] or "BRAINKERN_NATIVE_ISA" in os.environ
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code,param", ACTIVATIONS)
+def test_every_activation(isa, code, param):
+    runs_here(isa)
+    for m, k, n in SHAPES:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        check(a, b, torch.randn(n), code, param, isa=isa)
+        check(a, b, None, code, param, isa=isa, pre=False)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_cache_block_edge(isa):
+    """M > mc, K > 2 kc and N > nc (largest blocks: 144, 256, 4096), none a multiple of a tile."""
+    runs_here(isa)
+    a, b = torch.randn(150, 520), torch.randn(520, 4103)
+    check(a, b, torch.randn(4103), A.SILU, isa=isa)
+    check(a, torch.randn(4103, 520).t(), None, A.RELU, isa=isa)  # nn.Linear's weight layout
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_strided_views(isa):
+    runs_here(isa)
+    m, k, n = 37, 70, 45
+    base_a, base_b = torch.randn(k, 2 * m), torch.randn(3 * n, k + 5)
+    views_a = [base_a.t()[:, :],  # transposed: unit stride down the columns
+               base_a.t()[::2],  # transposed and every other row
+               torch.randn(m, 2 * k)[:, 1::2]]  # row-major, every other column
+    views_b = [base_b[::3, 2:k + 2].t(),  # transposed, sliced
+               torch.randn(k, 1).expand(k, n),  # a zero stride
+               torch.randn(2 * k, n)[::2]]  # every other row
+    for a in views_a:
+        for b in views_b:
+            check(a, b, torch.randn(n), A.GELU, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_row_sliced_outputs(isa):
+    """out and pre may be row slices of wider buffers: only their own columns are written."""
+    runs_here(isa)
+    a, b, bias = torch.randn(19, 23), torch.randn(23, 21), torch.randn(21)
+    out_buffer, pre_buffer = poisoned(19, 30), poisoned(19, 30)
+    out, pre = out_buffer[:, 4:25], pre_buffer[:, 4:25]
+    native.matmul_forward(a, b, bias, out, pre, A.TANH, 0.0, isa=isa)
+    ref_pre, ref_out = reference(a, b, bias, A.TANH, 0.0)
+    assert_close(out, ref_out)
+    assert_close(pre, ref_pre)
+    assert out_buffer[:, :4].isnan().all() and out_buffer[:, 25:].isnan().all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n", [(0, 5, 7), (5, 7, 0), (0, 0, 0), (6, 0, 9), (1, 0, 1)])
+def test_empty_dimensions(isa, m, k, n):
+    """K = 0 gives act(bias), or act(0) without bias; M or N = 0 writes nothing."""
+    runs_here(isa)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for bias in (torch.randn(n), None):
+        for code, param in ACTIVATIONS:
+            check(a, b, bias, code, param, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_threads_give_identical_results(isa):
+    """Threads split C, never k, so every element is summed in the same order."""
+    runs_here(isa)
+    for m, k, n in [(257, 300, 129), (5, 64, 2000), (3000, 16, 5)]:
+        a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+        one = check(a, b, bias, A.RELU, isa=isa, num_threads=1)
+        for threads in (2, 3):
+            _, many = run(a, b, bias, A.RELU, isa=isa, num_threads=threads)
+            assert torch.equal(one, many), f"{threads} threads differ from 1 at {(m, k, n)}"
+
+
+def test_concurrent_callers():
+    """The GIL is released, so Python threads may call at once: while one uses the pool, the
+    others run on their own thread, with the same results."""
+    a, b, bias = torch.randn(200, 300), torch.randn(300, 250), torch.randn(250)
+    expected = run(a, b, bias, A.SILU, num_threads=2)[1]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: run(a, b, bias, A.SILU, num_threads=2)[1], range(16)))
+    assert all(torch.equal(r, expected) for r in results)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_forked_child_gets_a_working_pool():
+    """A child forked after the pool's workers started (DataLoader workers fork) must not wait
+    on threads that do not exist there: it starts its own pool."""
+    a, b = torch.randn(300, 200), torch.randn(200, 300)
+    expected = run(a, b, None, pre=False, num_threads=2)[1]  # starts the workers
+    out = torch.empty(300, 300)
+    pid = os.fork()
+    if pid == 0:
+        # Only brainkern's pool in the child: torch's own OpenMP pool (used by torch.full and
+        # torch.equal in the parent) hangs a forked child, which is torch's matter, not ours.
+        native.matmul_forward(a, b, None, out, None, A.NONE, 0.0, num_threads=2)
+        os._exit(0 if out.numpy().tobytes() == expected.numpy().tobytes() else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in a 2-thread GEMM")
+    assert os.waitstatus_to_exitcode(done[1]) == 0, "the forked child computed a wrong result"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code,param", ACTIVATIONS)
+def test_activation_values_and_nan(isa, code, param):
+    """Each activation, element by element, over its whole float32 range: z = a @ [[1]].
+
+    NaN in, NaN out (as torch); no overflow to NaN or to a wrong finite value at the extremes.
+    Tolerance: a few float32 ulps relative, plus an absolute 4e-7 |z| for gelu's left tail,
+    where 1 + erf(z / sqrt 2) cancels (float32 erf is -1 to within an ulp, 6e-8, there).
+    """
+    runs_here(isa)
+    z = torch.cat([torch.linspace(-12, 12, 2001), torch.linspace(-100, 100, 401),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.0, -87.0, 88.5, -88.5, 89.0, -89.0,
+                                 1e4, -1e4, 1e30, -1e30, 3e38, -3e38, float("nan")])])
+    _, out = run(z[:, None], torch.ones(1, 1), None, code, param, pre=False, isa=isa)
+    ref = activation_reference(z.double(), code, param)
+    out = out[:, 0].double()
+    assert torch.equal(out.isnan(), ref.isnan())
+    z, out, ref = z[~ref.isnan()].double(), out[~ref.isnan()], ref[~ref.isnan()]
+    excess = (out - ref).abs() / (1e-6 * ref.abs() + 4e-7 * z.abs().clamp(min=1.0))
+    i = excess.argmax()
+    assert excess[i] <= 1.0, f"z = {z[i].item()}: {out[i].item()} != {ref[i].item()}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_inputs_propagate(isa):
+    runs_here(isa)
+    a, b = torch.randn(20, 30), torch.randn(30, 40)
+    a[3, 7] = float("nan")
+    b[11, 25] = float("nan")
+    for code, param in ACTIVATIONS:
+        check(a, b, torch.randn(40), code, param, isa=isa)
+
+
+def test_bad_arguments_raise_instead_of_crashing():
+    lib = built()._native()
+    a = torch.randn(4, 4)
+    p = a.data_ptr()
+    good = dict(a=p, a_stride_m=4, a_stride_k=1, b=p, b_stride_k=4, b_stride_n=1, bias=0,
+                out=p, out_stride_m=4, pre=0, pre_stride_m=0, m=4, n=4, k=4, act_code=0,
+                act_param=0.0, num_threads=1)
+    for bad in (dict(m=-1), dict(a_stride_k=-1), dict(act_code=8), dict(num_threads=0),
+                dict(a=0), dict(out=0), dict(out_stride_m=3), dict(isa="sse9")):
+        with pytest.raises(ValueError):
+            lib.matmul_forward(**{**good, **bad})
+    with pytest.raises(ValueError, match="unit column stride"):
+        native.matmul_forward(a, a, None, a.t(), None, A.NONE, 0.0)
+    with pytest.raises(ValueError, match="bias"):
+        native.matmul_forward(a, a, torch.randn(5), torch.empty(4, 4), None, A.NONE, 0.0)
+    with pytest.raises(TypeError):
+        native.matmul_forward(a.half(), a.half(), None, a.half(), None, A.NONE, 0.0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fma_peak_is_positive(isa):
+    runs_here(isa)
+    assert native.fma_peak_gflops(1, 0.02, isa=isa) > 0.1
+
+
+def test_isa_override_from_the_environment():
+    """BRAINKERN_NATIVE_ISA picks the ISA at import; one this CPU lacks fails the import.
+
+    The child loads the extension file alone: the package would import torch, seconds each.
+    """
+    script = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("brainkern._native", {built()._native().__file__!r})
+try:
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(module.isa())
+except ImportError as error:
+    print("ERROR", error)
+"""
+
+    def isa_with(value):
+        env = {**os.environ, "BRAINKERN_NATIVE_ISA": value}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=60, check=True)
+        return done.stdout.strip()
+
+    assert isa_with("portable") == "portable"
+    unsupported = next((i for i in ISAS if i not in built().supported_isas()), "sse9")
+    message = isa_with(unsupported)
+    assert message.startswith("ERROR") and "BRAINKERN_NATIVE_ISA" in message
+
+
+def test_float64_goes_to_numba():
+    """float64 is the Numba backend's (brainkern/kernels/numba/linear.py) job."""
+    try:
+        from brainkern.kernels.numba import linear  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"the Numba linear kernels are not importable yet: {error}")
+    a, b, bias = torch.randn(9, 21, dtype=torch.float64), torch.randn(21, 11,
+                                                                     dtype=torch.float64), None
+    out = poisoned(9, 11, dtype=torch.float64)
+    native.matmul_forward(a, b, bias, out, None, A.SIGMOID, 0.0)
+    assert_close(out, torch.sigmoid(a @ b), tol=TOLERANCE[torch.float64])
