@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	# The native core builds against pybind11 only (never torch): no build isolation needed.
-	$(PY) -m pip install -q "setuptools>=64" wheel "pybind11>=2.12"
+	$(PY) -m pip install -q "setuptools>=77" wheel "pybind11>=2.12"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
