@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from brainkern import activations, nn as bnn
-
+from brainkern import activations
+from brainkern import nn as bnn
 
 _TWINS = {torch.nn.Linear: bnn.Linear}
 

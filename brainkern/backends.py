@@ -61,7 +61,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _not_installed_reason(name: str) -> str | None:
     """Why backend ``name``'s kernels cannot be loaded here (cached: it cannot change)."""
     if name == "native":

@@ -69,17 +69,32 @@ def _onednn_linear(x, weight, bias=None):
     return lambda: torch._C._nn.mkldnn_linear(xm, wm, bm)
 
 
+def _on_backend(name, fn, *args):
+    with backends.use_backend(name):
+        return fn(*args)
+
+
+def _train_step(layer, x, post, mode):
+    """One forward (``fwd``, no autograd) or forward+backward (``fwd+bwd``) of ``layer``."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return post(layer(x))
+    y = post(layer(x))
+    y.backward(torch.ones_like(y))
+
+
 def bench_square(sizes, results: list[Result]) -> None:
     """C = A @ B for square n x n float32 matrices."""
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         case, flops = f"gemm {n}^3", 2.0 * n**3
+        impls = {}
         for name in cpu_backends():
-            with backends.use_backend(name):
-                results.append(Result(case, name, flops, time_call(lambda: BF.matmul(a, b))))
-        results.append(Result(case, "torch.mm (MKL)", flops, time_call(lambda: torch.mm(a, b))))
+            impls[name] = lambda a=a, b=b, name=name: _on_backend(name, BF.matmul, a, b)
+        impls["torch.mm (MKL)"] = lambda a=a, b=b: torch.mm(a, b)
         if torch.backends.mkldnn.is_available():
-            results.append(Result(case, "oneDNN", flops, time_call(_onednn_linear(a, b.t().contiguous()))))
+            impls["oneDNN"] = _onednn_linear(a, b.t().contiguous())
+        results.extend(Result(case, impl, flops, time_call(fn)) for impl, fn in impls.items())
 
 
 def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 10, None))) -> None:
@@ -95,27 +110,17 @@ def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 
             fwd_flops = 2.0 * batch * k * n
             # forward+backward: dX and dW are two more GEMMs of the same size.
             for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3 * fwd_flops)):
-                case = f"{label} {mode}"
-
-                def step(layer, post=lambda t: t, mode=mode):
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            return post(layer(x))
-                    y = post(layer(x))
-                    y.backward(torch.ones_like(y))
-
+                impls = {}
                 for name in cpu_backends():
-                    with backends.use_backend(name):
-                        results.append(Result(case, name, flops, time_call(lambda: step(ours))))
-                results.append(
-                    Result(case, "torch eager", flops, time_call(lambda: step(torch_layer, torch_act)))
-                )
+                    impls[name] = lambda name=name, mode=mode, x=x, ours=ours: _on_backend(
+                        name, _train_step, ours, x, lambda t: t, mode)
+                impls["torch eager"] = lambda mode=mode, x=x, layer=torch_layer, post=torch_act: (
+                    _train_step(layer, x, post, mode))
                 if mode == "fwd" and torch.backends.mkldnn.is_available():
-                    results.append(
-                        Result(case, "oneDNN", flops,
-                               time_call(_onednn_linear(x.detach(), torch_layer.weight.detach(),
-                                                        torch_layer.bias.detach())))
-                    )
+                    impls["oneDNN"] = _onednn_linear(
+                        x.detach(), torch_layer.weight.detach(), torch_layer.bias.detach())
+                case = f"{label} {mode}"
+                results.extend(Result(case, impl, flops, time_call(fn)) for impl, fn in impls.items())
 
 
 def format_table(results: list[Result], peak: float | None) -> str:

@@ -40,15 +40,21 @@ def assert_close(out, ref, dtype=None, tol=None, what="output", scale=None):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def matmul_magnitude(a, b, bias=None):
+    """``|a| @ |b| + |bias|`` in float64: what a GEMM's rounding error is relative to."""
+    magnitude = a.detach().double().cpu().abs() @ b.detach().double().cpu().abs()
+    return magnitude if bias is None else magnitude + bias.detach().double().cpu().abs()
+
+
 def gemm_error_scales(x, w, b, grad):
     """Magnitudes the float rounding of y = x @ w^T + b and its gradients is relative to.
 
     Returns scales for (output, d input, d weight, d bias) given the upstream gradient ``grad``;
     the activations' derivatives are bounded by ~1.13, so |grad| stands in for |dz|.
     """
-    x, w, g = (t.detach().double().abs() for t in (x, w, grad))
-    out = x @ w.t() + (0 if b is None else b.detach().double().abs())
-    return out, g @ w, g.t() @ x, g.sum(0)
+    g = grad.detach().double().abs()
+    x_abs, w_abs = x.detach().double().abs(), w.detach().double().abs()
+    return matmul_magnitude(x, w.t(), b), g @ w_abs, g.t() @ x_abs, g.sum(0)
 
 
 def poisoned(*shape, dtype=torch.float32, device="cpu"):

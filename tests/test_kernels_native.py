@@ -21,7 +21,7 @@ import torch
 
 from brainkern import activations as A
 from brainkern.kernels import native
-from helpers import TOLERANCE, assert_close, poisoned, rel_err
+from helpers import TOLERANCE, assert_close, matmul_magnitude, poisoned
 
 ISAS = ["avx512", "avx2", "portable"]
 ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, 0.01), (A.LEAKY_RELU, -0.2),
@@ -68,22 +68,8 @@ def run(a, b, bias, code=A.NONE, param=0.0, pre=True, **kwargs):
 
 
 def assert_gemm_close(out, ref, a, b, bias, what):
-    """helpers.rel_err's norm error, over ||ref|| + || |a| @ |b| + |bias| || instead of ||ref||.
-
-    float32 rounding error scales with the magnitudes summed, not with the result: a result
-    that cancels to ~0 (a 1 x 1 x 1 product does, for some seeds) has a large error relative to
-    itself from any float32 kernel, torch's included. Activations are Lipschitz (|act'| <= 1.13),
-    so the same bound holds after them.
-    """
-    rel_err(out, ref)  # asserts NaN exactly where ref has NaN
-    keep = ~ref.isnan()
-    magnitude = a.double().abs() @ b.double().abs()
-    if bias is not None:
-        magnitude = magnitude + bias.double().abs()
-    diff = (out.double()[keep] - ref[keep]).norm().item()
-    scale = ref[keep].norm().item() + magnitude[keep].norm().item()
-    err = diff / scale if scale > 0 else diff
-    assert err <= TOLERANCE[torch.float32], f"{what}: relative error {err:.3e}"
+    """float32 error relative to |a| @ |b| + |bias| (see helpers.matmul_magnitude)."""
+    assert_close(out, ref, torch.float32, what=what, scale=matmul_magnitude(a, b, bias))
 
 
 def check(a, b, bias, code=A.NONE, param=0.0, **kwargs):

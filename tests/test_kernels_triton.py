@@ -12,7 +12,7 @@ import torch
 from brainkern import activations
 from brainkern.activations import Activation
 from brainkern.kernels.triton import linear as triton_linear
-from helpers import TF32_TOLERANCE, assert_close, poisoned
+from helpers import TF32_TOLERANCE, assert_close, matmul_magnitude, poisoned
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -57,9 +57,10 @@ def reference_matmul(a, b, bias, act):
 def check_matmul(a, b, bias, act, tol=None, with_pre=True):
     out, pre = run_matmul(a, b, bias, act, with_pre)
     ref_out, ref_pre = reference_matmul(a, b, bias, act)
-    assert_close(out, ref_out, dtype=a.dtype, tol=tol, what=f"{act.name} output")
+    scale = matmul_magnitude(a, b, bias)
+    assert_close(out, ref_out, dtype=a.dtype, tol=tol, what=f"{act.name} output", scale=scale)
     if with_pre:
-        assert_close(pre, ref_pre, dtype=a.dtype, tol=tol, what="pre-activation")
+        assert_close(pre, ref_pre, dtype=a.dtype, tol=tol, what="pre-activation", scale=scale)
 
 
 def operands(m, k, n, dtype=torch.float32, bias=True):

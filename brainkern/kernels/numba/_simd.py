@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 from numba.np.numpy_support import as_dtype
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vector_bytes() -> int:
     """Width in bytes of the widest float vector this CPU runs: 64 (AVX-512), 32 (AVX) or 16."""
     import llvmlite.binding as llvm
@@ -36,13 +36,13 @@ def vector_bytes() -> int:
     return 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vector_registers() -> int:
     """Architectural vector registers: 32 with AVX-512, else 16 (x86-64's ymm/xmm file)."""
     return 32 if vector_bytes() == 64 else 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gemm_tile(dtype) -> tuple[int, int, int]:
     """The micro-kernel's register tile for ``dtype``: ``(mr, nr, lanes)``, ``nr = 2 * lanes``.
 

@@ -26,7 +26,15 @@ import torch
 from numba import njit, prange
 
 from brainkern.activations import (
-    GELU, GELU_TANH, LEAKY_RELU, NONE, RELU, SIGMOID, SILU, TANH, Activation,
+    GELU,
+    GELU_TANH,
+    LEAKY_RELU,
+    NONE,
+    RELU,
+    SIGMOID,
+    SILU,
+    TANH,
+    Activation,
 )
 from brainkern.kernels.numba import _runtime, _simd
 from brainkern.kernels.numba._simd import microkernel
