@@ -30,7 +30,7 @@ if X86:
 # No -ffast-math: the kernels rely on NaN comparisons and exact rounding tricks.
 # -Wno-psabi: GCC notes that 64-byte vectors pass differently without AVX-512; the portable
 # kernels' vector functions are internal (static), so no ABI boundary is crossed.
-COMMON_FLAGS = ["-O3", "-ffp-contract=fast", "-pthread", "-Wno-psabi"]
+COMMON_FLAGS = ["-O3", "-ffp-contract=fast", "-pthread", "-fopenmp", "-Wno-psabi"]
 
 
 class BuildExt(build_ext):
@@ -56,7 +56,7 @@ native = Pybind11Extension(
     depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.inc")),  # rebuild on header edits
     define_macros=[("BK_WITH_X86_ISAS", "1")] if X86 else [],
     extra_compile_args=COMMON_FLAGS,
-    extra_link_args=["-pthread"],
+    extra_link_args=["-pthread", "-fopenmp"],
     cxx_std=17,
 )
 
