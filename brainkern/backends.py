@@ -132,6 +132,7 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
     raise RuntimeError(f"no brainkern backend serves {device.type} tensors of dtype {dtype}")
 
 
+@functools.cache
 def kernels(name: str, family: str):
     """The kernel module of backend ``name`` for an op ``family`` ("linear", "conv", "pool")."""
     package = BACKENDS[name].package
