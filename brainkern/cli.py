@@ -50,7 +50,8 @@ def demo() -> int:
     ref_layer = torch.nn.Linear(784, 128, dtype=torch.float64)
     x64 = x.detach().double().requires_grad_()
     ref = torch.relu(ref_layer(x64))
-    ref.backward(torch.ones_like(ref))
+    grad = torch.randn_like(ref)  # random, so no gradient is an exact small-integer sum
+    ref.backward(grad)
     ok = True
     print("correctness: Linear(784 -> 128) + ReLU, batch 512, float32 vs torch float64")
     for name in bench.cpu_backends() + ["torch"]:
@@ -59,7 +60,7 @@ def demo() -> int:
         x.grad = None
         with backends.use_backend(name):
             y = layer(x)
-            y.backward(torch.ones_like(y))
+            y.backward(grad.float())
         errs = {
             "output": _rel(y, ref),
             "d input": _rel(x.grad, x64.grad),
