@@ -18,13 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("numba")
-
-from brainkern import activations as acts  # noqa: E402
-from brainkern.activations import Activation  # noqa: E402
-from brainkern.kernels.numba import _runtime  # noqa: E402
-from brainkern.kernels.numba import linear as kern  # noqa: E402
-from helpers import assert_close, matmul_magnitude, poisoned  # noqa: E402
+from brainkern import activations as acts
+from brainkern.activations import Activation
+from brainkern.kernels.numba import _runtime
+from brainkern.kernels.numba import linear as kern
+from helpers import assert_close, matmul_magnitude, poisoned
 
 ACTIVATIONS = [
     Activation("none", acts.NONE),
