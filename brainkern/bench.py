@@ -9,6 +9,7 @@ it as the stronger vendor baseline.
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -69,6 +70,14 @@ def _onednn_linear(x, weight, bias=None):
     return lambda: torch._C._nn.mkldnn_linear(xm, wm, bm)
 
 
+def _identity(t):
+    return t
+
+
+def _right_mul(mul, b, a):
+    return mul(a, b)
+
+
 def _on_backend(name, fn, *args):
     with backends.use_backend(name):
         return fn(*args)
@@ -84,17 +93,20 @@ def _train_step(layer, x, post, mode):
 
 
 def bench_square(sizes, results: list[Result]) -> None:
-    """C = A @ B for square n x n float32 matrices."""
+    """C = A @ B for square n x n float32 matrices: forward, and forward+backward (dA, dB)."""
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        case, flops = f"gemm {n}^3", 2.0 * n**3
-        impls = {}
-        for name in cpu_backends():
-            impls[name] = lambda a=a, b=b, name=name: _on_backend(name, BF.matmul, a, b)
-        impls["torch.mm (MKL)"] = lambda a=a, b=b: torch.mm(a, b)
-        if torch.backends.mkldnn.is_available():
-            impls["oneDNN"] = _onednn_linear(a, b.t().contiguous())
-        results.extend(Result(case, impl, flops, time_call(fn)) for impl, fn in impls.items())
+        a = torch.randn(n, n, requires_grad=True)
+        b = torch.randn(n, n, requires_grad=True)
+        for mode, flops in (("fwd", 2.0 * n**3), ("fwd+bwd", 6.0 * n**3)):
+            ours = functools.partial(_train_step, functools.partial(_right_mul, BF.matmul, b), a,
+                                     _identity, mode)
+            impls = {name: functools.partial(_on_backend, name, ours) for name in cpu_backends()}
+            impls["torch.mm (MKL)"] = functools.partial(
+                _train_step, functools.partial(_right_mul, torch.mm, b), a, _identity, mode)
+            if mode == "fwd" and torch.backends.mkldnn.is_available():
+                impls["oneDNN"] = _onednn_linear(a.detach(), b.detach().t().contiguous())
+            case = f"gemm {n}^3 {mode}"
+            results.extend(Result(case, impl, flops, time_call(fn)) for impl, fn in impls.items())
 
 
 def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 10, None))) -> None:
@@ -105,7 +117,7 @@ def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 
             torch_layer = torch.nn.Linear(k, n)
             ours = bnn.Linear(k, n, activation=act)
             ours.load_state_dict(torch_layer.state_dict())
-            torch_act = torch.relu if act == "relu" else (lambda t: t)
+            torch_act = torch.relu if act == "relu" else _identity
             label = f"linear {batch}x{k}->{n}" + (f"+{act}" if act else "")
             fwd_flops = 2.0 * batch * k * n
             # forward+backward: dX and dW are two more GEMMs of the same size.
@@ -113,7 +125,7 @@ def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 
                 impls = {}
                 for name in cpu_backends():
                     impls[name] = lambda name=name, mode=mode, x=x, ours=ours: _on_backend(
-                        name, _train_step, ours, x, lambda t: t, mode)
+                        name, _train_step, ours, x, _identity, mode)
                 impls["torch eager"] = lambda mode=mode, x=x, layer=torch_layer, post=torch_act: (
                     _train_step(layer, x, post, mode))
                 if mode == "fwd" and torch.backends.mkldnn.is_available():
