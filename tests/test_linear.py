@@ -187,3 +187,12 @@ def test_linear_on_gpu(dtype, activation):
     ref.backward(grad)
     for leaf, ref_leaf in zip(leaves, ref_leaves):
         assert_close(leaf.grad, ref_leaf.grad, tol=tol * 4, what="gradient")
+
+
+def test_linear_under_autocast_follows_f_linear():
+    x, w, b = torch.randn(5, 12), torch.randn(7, 12), torch.randn(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = BF.linear(x, w, b, "relu")
+        ref = torch.relu(torch.nn.functional.linear(x, w, b))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert_close(out, ref.double(), torch.bfloat16)

@@ -75,12 +75,24 @@ def _forward(kern, x, weight, bias, act):
     return out, (pre if keeps_pre else (out if act is not None else None))
 
 
+def _autocast(*tensors):
+    """Under torch.autocast, cast floating tensors to the autocast dtype, as F.linear does."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in tensors)
+
+
 def linear(input, weight, bias=None, activation=None):
     """``act(input @ weight^T + bias)`` over any leading dimensions, as F.linear (+ activation).
 
     input (*, K) or (K,); weight (N, K); bias (N,) or None. Returns (*, N) or (N,).
+    Under torch.autocast the operands are cast to the autocast dtype first, like F.linear.
     """
     check_tensor("input", input)
+    input, weight, bias = _autocast(input, weight, bias)
     check_tensor("weight", weight, ndim=(2,))
     if bias is not None:
         check_tensor("bias", bias, ndim=(1,))
