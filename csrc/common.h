@@ -52,6 +52,9 @@ struct IsaKernels {
   const char* name;
   int mr, nr;
   int64_t kc, mc, nc;
+  // A block of C at most this many columns wide reads A in place (when A has a unit stride)
+  // instead of packing it: packing pays off only over many B micro-panels.
+  int64_t in_place_a_cols;
   // Computes rows [m0, m1) x columns [n0, n1) of the GEMM, all of k. a_pack holds mc * kc
   // floats, b_pack kc * nc floats, both 64-byte aligned.
   void (*gemm_block)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,

@@ -12,9 +12,11 @@
 namespace bk {
 namespace {
 
-// A thread's share must be worth waking it: 2^20 multiply-adds is ~15-30 us of work. Measured
-// on 2 cores (AVX2): 64^3 ran slower on 2 threads than on 1, 128^3 no faster, 192^3 faster.
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
+// A thread's share must be worth waking it: 2^16 multiply-adds is ~1-2 us of work. The team is
+// torch's OpenMP one, whose workers still spin from the last op, so a wake is cheap. Measured
+// on 2 cores (AVX2), 1 vs 2 threads: 56^3 7.0 vs 5.6 us, 64^3 7.7 vs 5.7, 128 x 128 x 10 8.6
+// vs 6.9, 512 x 128 x 10 50 vs 27; below 2^17 in all, 2 threads gained nothing.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
 
 struct IsaEntry {
   const char* name;
@@ -95,19 +97,22 @@ struct Grid {
 
 // Each thread packs the A rows and B columns of its own block (no sharing, no barriers), so a
 // grid is good when the slowest block's multiply-adds (h * w per k) plus its packing (~h + w
-// per k, weighted as a packed float costing ~16 lane-FMAs) are smallest.
+// per k, weighted as a packed float costing ~16 lane-FMAs) are smallest. A block narrow enough
+// to read A in place packs only its w.
 Grid choose_grid(const IsaKernels& isa, const GemmArgs& g, int threads) {
   const int64_t work = g.m * g.n * std::max<int64_t>(g.k, 1);
   const int64_t worth_waking = std::max<int64_t>(1, work / kMinWorkPerThread);
   threads = static_cast<int>(std::min<int64_t>(threads, worth_waking));
   const int64_t m_tiles = ceil_div(g.m, isa.mr), n_tiles = ceil_div(g.n, isa.nr);
+  const bool a_unit_stride = g.a_stride_k == 1 || g.a_stride_m == 1;
   Grid best;
   double best_cost = -1.0;
   for (int rows = 1; rows <= threads && rows <= m_tiles; ++rows) {
     for (int cols = 1; rows * cols <= threads && cols <= n_tiles; ++cols) {
       const double h = double(ceil_div(m_tiles, rows) * isa.mr);
       const double w = double(ceil_div(n_tiles, cols) * isa.nr);
-      const double cost = h * w + 16.0 * (h + w);
+      const bool packs_a = !a_unit_stride || w > double(isa.in_place_a_cols);
+      const double cost = h * w + 16.0 * ((packs_a ? h : 0.0) + w);
       if (best_cost < 0.0 || cost < best_cost) {  // ties keep the grid with fewer threads
         best_cost = cost;
         best = Grid{rows, cols};

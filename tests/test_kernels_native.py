@@ -115,6 +115,19 @@ def test_every_cache_block_edge(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_a_read_in_place(isa):
+    """A block of C a few micro-panels wide reads A in place, unpacked (gemm.inc), for A
+    row-major and transposed: M past a cache block and ending in a partial row tile (packed),
+    K past a k block, on 1 and 2 threads."""
+    runs_here(isa)
+    m, k, n = 157, 300, 10
+    for a in (torch.randn(m, k), torch.randn(k, m).t()):
+        for threads in (1, 2):
+            check(a, torch.randn(n, k).t(), torch.randn(n), A.RELU, isa=isa, num_threads=threads)
+            check(a, torch.randn(k, 70), None, A.NONE, isa=isa, num_threads=threads, pre=False)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_strided_views(isa):
     runs_here(isa)
     m, k, n = 37, 70, 45
@@ -288,10 +301,6 @@ except ImportError as error:
 
 def test_float64_goes_to_numba():
     """float64 is the Numba backend's (brainkern/kernels/numba/linear.py) job."""
-    try:
-        from brainkern.kernels.numba import linear  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"the Numba linear kernels are not importable yet: {error}")
     a, b, bias = torch.randn(9, 21, dtype=torch.float64), torch.randn(21, 11,
                                                                      dtype=torch.float64), None
     out = poisoned(9, 11, dtype=torch.float64)

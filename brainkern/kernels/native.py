@@ -121,7 +121,8 @@ def _check(a, b, bias, out, pre, m, k, n_k, n):
     """
     f32 = torch.float32
     for t in (a, b, bias, out, pre):
-        if t is not None and (t.dtype != f32 or not t.is_cpu):
+        # dtypes are singletons: `is` is half the cost of ==.
+        if t is not None and (t.dtype is not f32 or not t.is_cpu):
             raise TypeError(f"native matmul_forward: float32 CPU tensors only, got {t.dtype} "
                             f"on {t.device}")
     if k != n_k:

@@ -78,7 +78,7 @@ def _forward(kern, x, weight, bias, act):
 def _autocast(*tensors):
     """Under torch.autocast, cast floating tensors to the autocast dtype, as F.linear does."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
