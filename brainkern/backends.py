@@ -125,11 +125,17 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
         if why is not None:
             raise RuntimeError(f"backend {name!r} cannot run this op: {why}")
         return name
-    order = ("triton", "torch") if device.type == "cuda" else ("native", "numba", "torch")
+    return _default_backend(device.type, dtype)
+
+
+@functools.cache
+def _default_backend(device_type: str, dtype: torch.dtype) -> str:
+    """The fastest backend serving (device_type, dtype); cached, as what is built cannot change."""
+    order = ("triton", "torch") if device_type == "cuda" else ("native", "numba", "torch")
     for candidate in order:
-        if _serves(BACKENDS[candidate], device, dtype) is None:
+        if _serves(BACKENDS[candidate], torch.device(device_type), dtype) is None:
             return candidate
-    raise RuntimeError(f"no brainkern backend serves {device.type} tensors of dtype {dtype}")
+    raise RuntimeError(f"no brainkern backend serves {device_type} tensors of dtype {dtype}")
 
 
 @functools.cache
