@@ -14,9 +14,12 @@ namespace py = pybind11;
 
 namespace {
 
-void require(bool ok, const char* what) {
-  if (!ok) throw std::invalid_argument(std::string("matmul_forward: ") + what);
+// Throws ValueError (via std::invalid_argument) naming the function when ok is false.
+void require(bool ok, const char* function, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string(function) + ": " + what);
 }
+
+void require(bool ok, const char* what) { require(ok, "matmul_forward", what); }
 
 void matmul_forward(uintptr_t a, int64_t a_stride_m, int64_t a_stride_k, uintptr_t b,
                     int64_t b_stride_k, int64_t b_stride_n, uintptr_t bias, uintptr_t out,
@@ -43,6 +46,25 @@ void matmul_forward(uintptr_t a, int64_t a_stride_m, int64_t a_stride_k, uintptr
   bk::gemm(kernels, g, num_threads);
 }
 
+void activation_backward(uintptr_t grad_out, int64_t grad_out_stride_m,
+                         int64_t grad_out_stride_n, uintptr_t saved, uintptr_t grad_pre,
+                         uintptr_t grad_bias, int64_t m, int64_t n, int act_code,
+                         float act_param, int num_threads, const std::string& isa) {
+  const char* fn = "activation_backward";
+  require(m >= 0 && n >= 0, fn, "sizes must be non-negative");
+  require(grad_out_stride_m >= 0 && grad_out_stride_n >= 0, fn, "strides must be non-negative");
+  require(act_code > bk::kNone && act_code < bk::kActivationCount, fn,
+          "unknown activation code (NONE included: it has no backward here)");
+  require(num_threads >= 1 && num_threads <= 4096, fn, "num_threads must be in [1, 4096]");
+  require(m * n == 0 || (grad_out != 0 && saved != 0 && grad_pre != 0), fn, "null tensor");
+  const bk::IsaKernels& kernels = bk::isa_kernels(isa);
+  const bk::ActBackwardArgs g{reinterpret_cast<const float*>(grad_out), grad_out_stride_m,
+                              grad_out_stride_n, reinterpret_cast<const float*>(saved),
+                              reinterpret_cast<float*>(grad_pre), m, n, act_code, act_param};
+  py::gil_scoped_release release;
+  bk::activation_backward(kernels, g, reinterpret_cast<float*>(grad_bias), num_threads);
+}
+
 double fma_peak_gflops(int num_threads, double seconds, const std::string& isa) {
   if (num_threads < 1 || num_threads > 4096)
     throw std::invalid_argument("fma_peak_gflops: num_threads must be in [1, 4096]");
@@ -56,7 +78,9 @@ double fma_peak_gflops(int num_threads, double seconds, const std::string& isa) 
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "brainkern's native CPU core: packed SGEMM with a fused bias + activation epilogue.";
+  m.doc() =
+      "brainkern's native CPU core: packed SGEMM with a fused bias + activation epilogue, "
+      "and the activations' backward.";
   // Decide the ISA now, so a bad $BRAINKERN_NATIVE_ISA fails the import with its reason.
   bk::default_isa();
 
@@ -79,6 +103,18 @@ pre: address like out with pre_stride_m, or 0 for none.
 Strides count elements. act_code/act_param: brainkern.activations' table. num_threads: at
 most this many threads (fewer for small problems). isa: '' for isa(), else one of
 supported_isas(). k == 0 writes act(bias) (or act(0)). The GIL is released meanwhile.)doc");
+  m.def("activation_backward", &activation_backward, py::arg("grad_out"),
+        py::arg("grad_out_stride_m"), py::arg("grad_out_stride_n"), py::arg("saved"),
+        py::arg("grad_pre"), py::arg("grad_bias"), py::arg("m"), py::arg("n"),
+        py::arg("act_code"), py::arg("act_param"), py::arg("num_threads"), py::arg("isa") = "",
+        R"doc(grad_pre = grad_out * act'(saved) in float32; grad_bias = grad_pre.sum(0) when != 0.
+
+grad_out: address of (m, n), element (i, j) at grad_out[i * grad_out_stride_m + j *
+grad_out_stride_n] (strides count elements; 0 allowed). saved, grad_pre: addresses of (m, n)
+contiguous floats: saved is the activation's output for relu, leaky_relu (slope >= 0),
+sigmoid and tanh, else the pre-activation. grad_bias: address of (n,) floats or 0; summed in
+double, the same on any num_threads; m == 0 writes zeros. act_code: brainkern.activations'
+code, not NONE; act_param: leaky_relu's slope. The GIL is released meanwhile.)doc");
   m.def("fma_peak_gflops", &fma_peak_gflops, py::arg("num_threads"), py::arg("seconds"),
         py::arg("isa") = "",
         "GFLOP/s of independent multiply-adds in registers on num_threads threads for about "

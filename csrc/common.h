@@ -46,6 +46,20 @@ struct GemmArgs {
   float act_param;
 };
 
+// grad_pre = grad_out * act'(saved), float32 (see act_backward.inc for which tensor is saved).
+//   grad_out: (m, n); element (i, j) at grad_out[i * grad_out_stride_m + j * grad_out_stride_n].
+//   saved, grad_pre: (m, n) contiguous.
+//   act != kNone, act_param: as in GemmArgs.
+struct ActBackwardArgs {
+  const float* grad_out;
+  int64_t grad_out_stride_m, grad_out_stride_n;
+  const float* saved;
+  float* grad_pre;
+  int64_t m, n;
+  int act;
+  float act_param;
+};
+
 // One ISA's kernels. Cache blocking: a thread packs kc x nc of B (nc a multiple of nr) and
 // mc x kc of A (mc a multiple of mr) at a time, into buffers the caller provides.
 struct IsaKernels {
@@ -59,6 +73,10 @@ struct IsaKernels {
   // floats, b_pack kc * nc floats, both 64-byte aligned.
   void (*gemm_block)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                      float* a_pack, float* b_pack);
+  // Rows [r0, r1) of the activation backward; when sums is not null, also adds each column of
+  // grad_pre to sums[j] (n doubles).
+  void (*activation_backward_rows)(const ActBackwardArgs& g, int64_t r0, int64_t r1,
+                                   double* sums);
   // Runs `iterations` rounds of independent multiply-adds; returns the FLOPs done.
   double (*fma_burst)(int64_t iterations);
 };

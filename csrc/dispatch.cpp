@@ -18,6 +18,15 @@ namespace {
 // vs 6.9, 512 x 128 x 10 50 vs 27; below 2^17 in all, 2 threads gained nothing.
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
 
+// The activation backward reads and writes each element once: a few ns of memory traffic, so a
+// thread is worth waking only for 2^15 of them, and a call below 2^16 stays on one thread.
+constexpr int64_t kMinBackwardPerThread = int64_t(1) << 15;
+constexpr int64_t kMinBackwardParallel = int64_t(1) << 16;
+// Rows are summed for grad_bias in blocks of about this many elements, each into its own
+// partial sums, added in block order: the same blocks on any number of threads, so the same
+// result. Small enough that a block of grad_pre is still in L2 when a thread finishes it.
+constexpr int64_t kBackwardBlockElements = int64_t(1) << 14;
+
 struct IsaEntry {
   const char* name;
   bool (*supported)();
@@ -88,6 +97,8 @@ struct PackBuffer {
   }
 };
 thread_local PackBuffer t_a_pack, t_b_pack;
+// The activation backward's partial column sums, kept for the same reason.
+thread_local std::vector<double> t_backward_sums;
 
 int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
@@ -171,6 +182,40 @@ void gemm(const IsaKernels& isa, const GemmArgs& g, int threads) {
     isa.gemm_block(g, m0, m1, n0, n1, t_a_pack.reserve(size_t(mc * kc)),
                    t_b_pack.reserve(size_t(kc * nc)));
   });
+}
+
+void activation_backward(const IsaKernels& isa, const ActBackwardArgs& g, float* grad_bias,
+                         int threads) {
+  if (g.n == 0) return;
+  if (g.m == 0) {
+    if (grad_bias) std::fill(grad_bias, grad_bias + g.n, 0.0f);
+    return;
+  }
+  const int64_t elements = g.m * g.n;
+  const int64_t block_rows = std::max<int64_t>(1, kBackwardBlockElements / g.n);
+  const int64_t blocks = ceil_div(g.m, block_rows);
+  int64_t team = 1;
+  if (elements >= kMinBackwardParallel)
+    team = std::min<int64_t>({threads, blocks, elements / kMinBackwardPerThread});
+  double* sums = nullptr;
+  if (grad_bias) {
+    t_backward_sums.assign(size_t(blocks * g.n), 0.0);
+    sums = t_backward_sums.data();
+  }
+  auto run_blocks = [&](int t) {
+    for (int64_t b = blocks * t / team; b < blocks * (t + 1) / team; ++b)
+      isa.activation_backward_rows(g, b * block_rows, std::min(g.m, (b + 1) * block_rows),
+                                   sums ? sums + b * g.n : nullptr);
+  };
+  if (team == 1) {
+    run_blocks(0);  // no std::function, no OpenMP region: small calls stay a few us
+  } else {
+    parallel_for(int(team), run_blocks);
+  }
+  if (!grad_bias) return;
+  for (int64_t b = 1; b < blocks; ++b)
+    for (int64_t j = 0; j < g.n; ++j) sums[j] += sums[b * g.n + j];
+  for (int64_t j = 0; j < g.n; ++j) grad_bias[j] = float(sums[j]);
 }
 
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds) {

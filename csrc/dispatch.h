@@ -23,6 +23,11 @@ const IsaKernels& isa_kernels(const std::string& name);
 // g (see GemmArgs) on up to `threads` threads; fewer when the problem is too small to share.
 void gemm(const IsaKernels& isa, const GemmArgs& g, int threads);
 
+// g (see ActBackwardArgs); when grad_bias is not null, also grad_bias[j] = sum_i grad_pre[i, j]
+// (n floats), summed in double in an order that does not depend on `threads`.
+void activation_backward(const IsaKernels& isa, const ActBackwardArgs& g, float* grad_bias,
+                         int threads);
+
 // FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
 

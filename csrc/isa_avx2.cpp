@@ -21,6 +21,7 @@ constexpr int kPeakChains = 12;
 constexpr const char* kName = "avx2";
 
 #include "vec_math.inc"
+#include "act_backward.inc"
 #include "gemm.inc"
 
 }  // namespace bk_avx2

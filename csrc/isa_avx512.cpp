@@ -20,6 +20,7 @@ constexpr int kPeakChains = 24;
 constexpr const char* kName = "avx512";
 
 #include "vec_math.inc"
+#include "act_backward.inc"
 #include "gemm.inc"
 
 }  // namespace bk_avx512

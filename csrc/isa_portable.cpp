@@ -23,6 +23,7 @@ constexpr int kPeakChains = 3;
 constexpr const char* kName = "portable";
 
 #include "vec_math.inc"
+#include "act_backward.inc"
 #include "gemm.inc"
 
 }  // namespace bk_portable

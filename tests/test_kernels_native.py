@@ -246,6 +246,108 @@ def test_nan_inputs_propagate(isa):
         check(a, b, torch.randn(40), code, param, isa=isa)
 
 
+BACKWARD_ACTIVATIONS = [act for act in ACTIVATIONS if act[0] != A.NONE]
+
+
+def backward_inputs(m, n, code, param, grad=None):
+    """(grad_out, saved): saved as the kernel gets it, the output or the pre-activation."""
+    act = A.Activation("", code, param)
+    z = 3 * torch.randn(m, n)
+    return torch.randn(m, n) if grad is None else grad, act.forward(z) if act.saves_output else z
+
+
+def check_backward(grad, saved, code, param, with_bias=True, **kwargs):
+    """The kernel on NaN-poisoned outputs against act'(saved) in float64; returns them."""
+    act = A.Activation("", code, param)
+    m, n = saved.shape
+    grad_pre, grad_bias = poisoned(m, n), poisoned(n) if with_bias else None
+    native.activation_backward(grad, saved, grad_pre, grad_bias, code, param, act.saves_output,
+                               **kwargs)
+    ref = grad.double() * act.derivative(saved.double())
+    assert_close(grad_pre, ref, torch.float32, what=f"grad_pre (activation {code}, {param})")
+    if with_bias:  # rounding is relative to the sum of magnitudes, not to a cancelled sum
+        assert_close(grad_bias, ref.sum(0), torch.float32, what="grad_bias",
+                     scale=ref.abs().sum(0))
+    return grad_pre, grad_bias
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code,param", BACKWARD_ACTIVATIONS)
+def test_activation_backward(isa, code, param):
+    """Every grad_out layout: contiguous, transposed, every other column, and stride 0 along
+    rows or columns (an expanded gradient, as sum()'s backward gives)."""
+    runs_here(isa)
+    for m, n in [(1, 1), (7, 7), (127, 127), (257, 257), (7, 257), (257, 1)]:
+        layouts = [torch.randn(m, n), torch.randn(n, m).t(), torch.randn(m, 2 * n)[:, ::2],
+                   torch.randn(1, n).expand(m, n), torch.randn(m, 1).expand(m, n)]
+        for grad in layouts:
+            _, saved = backward_inputs(m, n, code, param)
+            for with_bias in (True, False):
+                check_backward(grad, saved, code, param, with_bias, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_backward_empty(isa):
+    """M = 0: grad_bias is a sum of nothing, zeros; N = 0 writes nothing."""
+    runs_here(isa)
+    for m, n in [(0, 5), (0, 0), (4, 0)]:
+        grad_pre, grad_bias = check_backward(*backward_inputs(m, n, A.RELU, 0.0), A.RELU, 0.0,
+                                             isa=isa)
+        assert grad_pre.shape == (m, n) and torch.equal(grad_bias, torch.zeros(n))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_backward_threads_give_identical_results(isa):
+    """grad_bias is summed in fixed row blocks added in block order, whatever the threads."""
+    runs_here(isa)
+    for m, n in [(700, 300), (5000, 17), (70, 3001)]:
+        grad, saved = backward_inputs(m, n, A.GELU, 0.0, torch.randn(n, m).t())
+        one = check_backward(grad, saved, A.GELU, 0.0, isa=isa, num_threads=1)
+        for threads in (2, 3):
+            many = check_backward(grad, saved, A.GELU, 0.0, isa=isa, num_threads=threads)
+            assert all(torch.equal(x, y) for x, y in zip(one, many)), f"{threads} at {(m, n)}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code,param", BACKWARD_ACTIVATIONS)
+def test_activation_backward_values(isa, code, param):
+    """act'(z) element by element over the float32 range, NaN as the torch table gives it."""
+    runs_here(isa)
+    z = torch.cat([torch.linspace(-12, 12, 2001), torch.linspace(-100, 100, 401),
+                   torch.tensor([0.0, -0.0, 1e-30, 88.5, -88.5, 1e4, -1e4, 1e30, -1e30, 3e38,
+                                 -3e38, float("nan")])])
+    act = A.Activation("", code, param)
+    saved = act.forward(z) if act.saves_output else z
+    out = check_backward(torch.ones(1, z.numel()), saved[None], code, param, False, isa=isa)[0]
+    out, ref = out[0].double(), act.derivative(saved.double())
+    assert torch.equal(out.isnan(), ref.isnan())
+    out, ref = out[~ref.isnan()], ref[~ref.isnan()]
+    excess = (out - ref).abs() / (2e-6 * ref.abs() + 1e-7)
+    i = excess.argmax()
+    assert excess[i] <= 1.0, f"saved = {saved[~ref.isnan()][i].item()}: {out[i]} != {ref[i]}"
+
+
+def test_activation_backward_bad_arguments():
+    lib = built()._native()
+    x = torch.randn(4, 4)
+    p = x.data_ptr()
+    good = dict(grad_out=p, grad_out_stride_m=4, grad_out_stride_n=1, saved=p, grad_pre=p,
+                grad_bias=0, m=4, n=4, act_code=A.RELU, act_param=0.0, num_threads=1)
+    for bad in (dict(m=-1), dict(n=-1), dict(grad_out_stride_n=-1), dict(act_code=A.NONE),
+                dict(act_code=8), dict(num_threads=0), dict(saved=0), dict(isa="sse9")):
+        with pytest.raises(ValueError):
+            lib.activation_backward(**{**good, **bad})
+    grad_pre = torch.empty(4, 4)
+    with pytest.raises(ValueError, match="saved_is_output"):
+        native.activation_backward(x, x, grad_pre, None, A.GELU, 0.0, True)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.activation_backward(x, x.t(), grad_pre, None, A.RELU, 0.0, True)
+    with pytest.raises(ValueError, match="grad_bias"):
+        native.activation_backward(x, x, grad_pre, torch.empty(5), A.RELU, 0.0, True)
+    with pytest.raises(TypeError):
+        native.activation_backward(x.half(), x, grad_pre, None, A.RELU, 0.0, True)
+
+
 def test_bad_arguments_raise_instead_of_crashing():
     lib = built()._native()
     a = torch.randn(4, 4)
@@ -306,3 +408,8 @@ def test_float64_goes_to_numba():
     out = poisoned(9, 11, dtype=torch.float64)
     native.matmul_forward(a, b, bias, out, None, A.SIGMOID, 0.0)
     assert_close(out, torch.sigmoid(a @ b), tol=TOLERANCE[torch.float64])
+    saved, grad = torch.sigmoid(a @ b), torch.randn(9, 11, dtype=torch.float64)
+    grad_pre, grad_bias = poisoned(9, 11, dtype=torch.float64), poisoned(11, dtype=torch.float64)
+    native.activation_backward(grad, saved, grad_pre, grad_bias, A.SIGMOID, 0.0, True)
+    assert_close(grad_pre, grad * saved * (1 - saved), tol=TOLERANCE[torch.float64])
+    assert_close(grad_bias, grad_pre.sum(0), tol=TOLERANCE[torch.float64])

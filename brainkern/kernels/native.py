@@ -1,4 +1,4 @@
-"""The ``native`` backend's kernels: the C++ core for float32 GEMMs, Numba for the rest.
+"""The ``native`` backend's kernels: the C++ core for float32, Numba for float64.
 
 brainkern._native is a plain pybind11 extension, not built against torch: tensors cross as
 addresses (``data_ptr()``) plus element strides and sizes, and the extension releases the GIL
@@ -12,6 +12,11 @@ runs); by default the best one this CPU supports. Interface: brainkern/kernels/_
 from __future__ import annotations
 
 import torch
+
+from brainkern.activations import LEAKY_RELU as _LEAKY_RELU
+from brainkern.activations import RELU as _RELU
+from brainkern.activations import SIGMOID as _SIGMOID
+from brainkern.activations import TANH as _TANH
 
 _loaded: dict = {}
 
@@ -104,12 +109,49 @@ def matmul_forward(a, b, bias, out, pre, act_code, act_param, *, isa=None, num_t
 
 
 def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
-                        saved_is_output):
-    """``grad_pre = grad_out * act'(z)``, ``grad_bias = grad_pre.sum(0)``: the Numba kernel."""
-    from brainkern.kernels.numba import linear as numba_linear
+                        saved_is_output, *, isa=None, num_threads=None):
+    """``grad_pre = grad_out * act'(saved)``, ``grad_bias = grad_pre.sum(0)`` when given.
 
-    numba_linear.activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
-                                     saved_is_output)
+    grad_out: (M, N), any strides. saved, grad_pre: (M, N) contiguous. grad_bias: (N,)
+    contiguous or None (summed in float64, the same on any thread count). isa, num_threads: as
+    :func:`matmul_forward`. float32 runs in C++; float64 goes to the Numba kernel.
+    """
+    if grad_pre.dtype == torch.float64:
+        from brainkern.kernels.numba import linear as numba_linear
+
+        numba_linear.activation_backward(grad_out, saved, grad_pre, grad_bias, act_code,
+                                         act_param, saved_is_output)
+        return
+    code, param = int(act_code), float(act_param)
+    # The C++ side takes the formula from the code alone (leaky_relu's is the same from either
+    # tensor); the flag is the caller's claim about which tensor it saved, checked here.
+    saves_output = code in (_RELU, _SIGMOID, _TANH) or (code == _LEAKY_RELU and param >= 0.0)
+    if saves_output != bool(saved_is_output):
+        raise ValueError(f"native activation_backward: activation {code} ({param}) saves the "
+                         f"{'output' if saves_output else 'pre-activation'}, but "
+                         f"saved_is_output={saved_is_output}")
+    shape = grad_pre.shape
+    f32 = torch.float32
+    for t in (grad_out, saved, grad_pre, grad_bias):
+        if t is not None and (t.dtype is not f32 or not t.is_cpu):
+            raise TypeError(f"native activation_backward: float32 CPU tensors only, got "
+                            f"{t.dtype} on {t.device}")
+    if (len(shape) != 2 or grad_out.shape != shape or saved.shape != shape
+            or not saved.is_contiguous() or not grad_pre.is_contiguous()):
+        raise ValueError(f"native activation_backward: grad_out {tuple(grad_out.shape)}, saved "
+                         f"{tuple(saved.shape)} and grad_pre {tuple(shape)} must be one 2-D "
+                         "shape, saved and grad_pre contiguous")
+    m, n = shape
+    if grad_bias is not None and (grad_bias.shape != shape[1:] or not grad_bias.is_contiguous()):
+        raise ValueError(f"native activation_backward: grad_bias must be contiguous ({n},), got "
+                         f"{tuple(grad_bias.shape)}")
+    strides = grad_out.stride()
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    _native().activation_backward(
+        grad_out.data_ptr(), strides[0], strides[1], saved.data_ptr(), grad_pre.data_ptr(),
+        0 if grad_bias is None else grad_bias.data_ptr(), m, n, code, param, max(1, threads),
+        isa or "",
+    )
 
 
 def _check(a, b, bias, out, pre, m, k, n_k, n):
