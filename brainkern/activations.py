@@ -45,14 +45,8 @@ class Activation:
 
     @property
     def saves_output(self) -> bool:
-        """True when the derivative can be computed from the activation's output alone.
-
-        leaky_relu with a negative slope maps negative inputs to positive outputs, so its output
-        no longer tells which branch was taken; it keeps the pre-activation instead.
-        """
-        if self.code == LEAKY_RELU:
-            return self.param >= 0.0
-        return self.code in (NONE, RELU, SIGMOID, TANH)
+        """True when the derivative can be computed from the activation's output alone."""
+        return saves_output(self.code, self.param)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Reference forward in torch (the oracle and the ``torch`` backend)."""
@@ -61,6 +55,17 @@ class Activation:
     def derivative(self, saved: torch.Tensor) -> torch.Tensor:
         """d act / d z, from the output (``saves_output``) or else the pre-activation."""
         return _TORCH_DERIVATIVE[(self.code, self.saves_output)](saved, self.param)
+
+
+def saves_output(code: int, param: float = 0.0) -> bool:
+    """Whether backward keeps the output (True) or the pre-activation (False) for ``code``.
+
+    leaky_relu with a negative slope maps negative inputs to positive outputs, so its output
+    no longer tells which branch was taken; it keeps the pre-activation instead.
+    """
+    if code == LEAKY_RELU:
+        return param >= 0.0
+    return code in (NONE, RELU, SIGMOID, TANH)
 
 
 def resolve(activation) -> Activation | None:

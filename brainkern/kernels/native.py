@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from brainkern.activations import LEAKY_RELU as _LEAKY_RELU
-from brainkern.activations import RELU as _RELU
-from brainkern.activations import SIGMOID as _SIGMOID
-from brainkern.activations import TANH as _TANH
+from brainkern.activations import saves_output as _saves_output
 
 _loaded: dict = {}
 
@@ -125,7 +122,7 @@ def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_para
     code, param = int(act_code), float(act_param)
     # The C++ side takes the formula from the code alone (leaky_relu's is the same from either
     # tensor); the flag is the caller's claim about which tensor it saved, checked here.
-    saves_output = code in (_RELU, _SIGMOID, _TANH) or (code == _LEAKY_RELU and param >= 0.0)
+    saves_output = _saves_output(code, param)
     if saves_output != bool(saved_is_output):
         raise ValueError(f"native activation_backward: activation {code} ({param}) saves the "
                          f"{'output' if saves_output else 'pre-activation'}, but "

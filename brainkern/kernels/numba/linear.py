@@ -34,7 +34,7 @@ from brainkern.activations import (
     SIGMOID,
     SILU,
     TANH,
-    Activation,
+    saves_output,
 )
 from brainkern.kernels.numba import _runtime, _simd
 from brainkern.kernels.numba._simd import microkernel
@@ -380,8 +380,8 @@ def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_para
             grad_bias.zero_()
         return
     # The formulas follow from the code alone; the flag is the caller's claim, checked here.
-    act = Activation("", int(act_code), float(act_param))
-    assert act.saves_output == bool(saved_is_output), "saved tensor does not match the activation"
+    assert saves_output(int(act_code), float(act_param)) == bool(saved_is_output), (
+        "saved tensor does not match the activation")
     grad_pre_flat = _flat(grad_pre)
     args = (_flat(grad_out), *grad_out.stride(), _flat(saved), grad_pre_flat,
             grad_pre_flat if grad_bias is None else _flat(grad_bias), grad_bias is not None,
