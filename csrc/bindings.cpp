@@ -65,6 +65,36 @@ void activation_backward(uintptr_t grad_out, int64_t grad_out_stride_m,
   bk::activation_backward(kernels, g, reinterpret_cast<float*>(grad_bias), num_threads);
 }
 
+void linear_backward(uintptr_t grad_out, int64_t grad_out_stride_m, int64_t grad_out_stride_n,
+                     uintptr_t saved, uintptr_t grad_pre, uintptr_t x, int64_t x_stride_m,
+                     int64_t x_stride_k, uintptr_t w, int64_t w_stride_n, int64_t w_stride_k,
+                     uintptr_t grad_x, uintptr_t grad_w, uintptr_t grad_bias, int64_t m,
+                     int64_t n, int64_t k, int act_code, float act_param, int num_threads,
+                     const std::string& isa) {
+  const char* fn = "linear_backward";
+  require(m >= 0 && n >= 0 && k >= 0, fn, "sizes must be non-negative");
+  require(grad_out_stride_m >= 0 && grad_out_stride_n >= 0 && x_stride_m >= 0 &&
+              x_stride_k >= 0 && w_stride_n >= 0 && w_stride_k >= 0,
+          fn, "strides must be non-negative");
+  require(act_code >= 0 && act_code < bk::kActivationCount, fn, "unknown activation code");
+  require(num_threads >= 1 && num_threads <= 4096, fn, "num_threads must be in [1, 4096]");
+  require(m * n == 0 || grad_out != 0, fn, "grad_out is null");
+  require(m * n == 0 || act_code == bk::kNone || (saved != 0 && grad_pre != 0), fn,
+          "saved and grad_pre are needed with an activation");
+  require(grad_x == 0 || m * n * k == 0 || w != 0, fn, "w is null");
+  require(grad_w == 0 || m * n * k == 0 || x != 0, fn, "x is null");
+  const bk::IsaKernels& kernels = bk::isa_kernels(isa);
+  const bk::LinearBackwardArgs g{
+      reinterpret_cast<const float*>(grad_out), grad_out_stride_m, grad_out_stride_n,
+      reinterpret_cast<const float*>(saved), reinterpret_cast<float*>(grad_pre),
+      reinterpret_cast<const float*>(x), x_stride_m, x_stride_k,
+      reinterpret_cast<const float*>(w), w_stride_n, w_stride_k,
+      reinterpret_cast<float*>(grad_x), reinterpret_cast<float*>(grad_w),
+      reinterpret_cast<float*>(grad_bias), m, n, k, act_code, act_param};
+  py::gil_scoped_release release;
+  bk::linear_backward(kernels, g, num_threads);
+}
+
 double fma_peak_gflops(int num_threads, double seconds, const std::string& isa) {
   if (num_threads < 1 || num_threads > 4096)
     throw std::invalid_argument("fma_peak_gflops: num_threads must be in [1, 4096]");
@@ -115,6 +145,20 @@ contiguous floats: saved is the activation's output for relu, leaky_relu (slope 
 sigmoid and tanh, else the pre-activation. grad_bias: address of (n,) floats or 0; summed in
 double, the same on any num_threads; m == 0 writes zeros. act_code: brainkern.activations'
 code, not NONE; act_param: leaky_relu's slope. The GIL is released meanwhile.)doc");
+  m.def("linear_backward", &linear_backward, py::arg("grad_out"), py::arg("grad_out_stride_m"),
+        py::arg("grad_out_stride_n"), py::arg("saved"), py::arg("grad_pre"), py::arg("x"),
+        py::arg("x_stride_m"), py::arg("x_stride_k"), py::arg("w"), py::arg("w_stride_n"),
+        py::arg("w_stride_k"), py::arg("grad_x"), py::arg("grad_w"), py::arg("grad_bias"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("act_code"), py::arg("act_param"),
+        py::arg("num_threads"), py::arg("isa") = "",
+        R"doc(The backward of out = act(x @ W^T + bias) in float32, in one call.
+
+dz = grad_out * act'(saved) into grad_pre (with act_code NONE, dz is grad_out and saved and
+grad_pre are unused); then grad_bias = dz.sum(0) (n floats, summed in double as
+activation_backward), grad_x = dz @ W (m, k) and grad_w = dz^T @ x (n, k), each written
+contiguously and skipped when its address is 0. grad_out (m, n), x (m, k) and w (n, k) are
+read with the given element strides; saved and grad_pre are (m, n) contiguous, as in
+activation_backward. Outputs must not alias inputs. The GIL is released meanwhile.)doc");
   m.def("fma_peak_gflops", &fma_peak_gflops, py::arg("num_threads"), py::arg("seconds"),
         py::arg("isa") = "",
         "GFLOP/s of independent multiply-adds in registers on num_threads threads for about "

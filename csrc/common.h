@@ -49,13 +49,37 @@ struct GemmArgs {
 // grad_pre = grad_out * act'(saved), float32 (see act_backward.inc for which tensor is saved).
 //   grad_out: (m, n); element (i, j) at grad_out[i * grad_out_stride_m + j * grad_out_stride_n].
 //   saved, grad_pre: (m, n) contiguous.
-//   act != kNone, act_param: as in GemmArgs.
+//   act, act_param: as in GemmArgs. act == kNone reads only grad_out (saved and grad_pre may be
+//   null): the bias gradient of a layer without activation, whose grad_pre is grad_out.
 struct ActBackwardArgs {
   const float* grad_out;
   int64_t grad_out_stride_m, grad_out_stride_n;
   const float* saved;
   float* grad_pre;
   int64_t m, n;
+  int act;
+  float act_param;
+};
+
+// The whole backward of out = act(x @ W^T + bias), x (m, k), W (n, k), float32:
+//   dz = grad_out * act'(saved) into grad_pre (dz = grad_out itself when act == kNone),
+//   grad_bias = dz.sum(0), grad_x = dz @ W (m, k), grad_w = dz^T @ x (n, k).
+//   grad_out: (m, n), any element strides. saved, grad_pre: (m, n) contiguous (unused, may be
+//   null, when act == kNone). x, w: any element strides. grad_x, grad_w: contiguous, and
+//   grad_bias (n,): each null when not wanted.
+struct LinearBackwardArgs {
+  const float* grad_out;
+  int64_t grad_out_stride_m, grad_out_stride_n;
+  const float* saved;
+  float* grad_pre;
+  const float* x;
+  int64_t x_stride_m, x_stride_k;
+  const float* w;
+  int64_t w_stride_n, w_stride_k;
+  float* grad_x;
+  float* grad_w;
+  float* grad_bias;
+  int64_t m, n, k;
   int act;
   float act_param;
 };
@@ -74,7 +98,7 @@ struct IsaKernels {
   void (*gemm_block)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                      float* a_pack, float* b_pack);
   // Rows [r0, r1) of the activation backward; when sums is not null, also adds each column of
-  // grad_pre to sums[j] (n doubles).
+  // grad_pre (grad_out for kNone) to sums[j] (n doubles).
   void (*activation_backward_rows)(const ActBackwardArgs& g, int64_t r0, int64_t r1,
                                    double* sums);
   // Runs `iterations` rounds of independent multiply-adds; returns the FLOPs done.

@@ -218,6 +218,32 @@ void activation_backward(const IsaKernels& isa, const ActBackwardArgs& g, float*
   for (int64_t j = 0; j < g.n; ++j) grad_bias[j] = float(sums[j]);
 }
 
+void linear_backward(const IsaKernels& isa, const LinearBackwardArgs& g, int threads) {
+  const bool act = g.act != kNone;
+  if (act || g.grad_bias) {
+    const ActBackwardArgs a{g.grad_out, g.grad_out_stride_m, g.grad_out_stride_n, g.saved,
+                            g.grad_pre, g.m, g.n, g.act, g.act_param};
+    activation_backward(isa, a, g.grad_bias, threads);
+  }
+  // dz: grad_pre, or grad_out itself without an activation.
+  const float* dz = act ? g.grad_pre : g.grad_out;
+  const int64_t dz_sm = act ? g.n : g.grad_out_stride_m;
+  const int64_t dz_sn = act ? 1 : g.grad_out_stride_n;
+  const GemmArgs gx{dz, dz_sm, dz_sn, g.w, g.w_stride_n, g.w_stride_k, nullptr,
+                    g.grad_x, g.k, nullptr, 0, g.m, g.k, g.n, kNone, 0.0f};
+  const GemmArgs gw{dz, dz_sn, dz_sm, g.x, g.x_stride_m, g.x_stride_k, nullptr,
+                    g.grad_w, g.k, nullptr, 0, g.n, g.k, g.m, kNone, 0.0f};
+  // Each GEMM has the same m * n * k multiply-adds. Too few to share one GEMM between threads,
+  // the two still run side by side (measured here, 64 x 128 -> 10: ~2 us less per backward).
+  const bool both = g.grad_x && g.grad_w;
+  if (both && threads >= 2 && g.m * g.n * g.k < 2 * kMinWorkPerThread) {
+    parallel_for(2, [&](int t) { gemm(isa, t == 0 ? gx : gw, 1); });
+    return;
+  }
+  if (g.grad_x) gemm(isa, gx, threads);
+  if (g.grad_w) gemm(isa, gw, threads);
+}
+
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds) {
   using Clock = std::chrono::steady_clock;
   std::vector<double> flops(size_t(threads), 0.0);

@@ -28,6 +28,10 @@ void gemm(const IsaKernels& isa, const GemmArgs& g, int threads);
 void activation_backward(const IsaKernels& isa, const ActBackwardArgs& g, float* grad_bias,
                          int threads);
 
+// g (see LinearBackwardArgs) on up to `threads` threads: the activation backward and bias sums,
+// then the two GEMMs, side by side on one thread each when neither is worth two threads.
+void linear_backward(const IsaKernels& isa, const LinearBackwardArgs& g, int threads);
+
 // FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
 

@@ -367,6 +367,92 @@ def test_bad_arguments_raise_instead_of_crashing():
         native.matmul_forward(a.half(), a.half(), None, a.half(), None, A.NONE, 0.0)
 
 
+def check_linear_backward(x, w, grad, code, param, wants=(True, True, True), **kwargs):
+    """native.linear_backward on NaN-poisoned outputs against float64 autograd of the layer."""
+    act = A.Activation("", code, param)
+    m, k = x.shape
+    n = w.shape[0]
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    bd = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)  # fixed: reruns see the same saved
+    z = xd @ wd.t() + bd
+    saved = (act.forward(z) if act.saves_output else z).detach().float() if code else None
+    grad_x = poisoned(m, k) if wants[0] else None
+    grad_w = poisoned(n, k) if wants[1] else None
+    grad_b = poisoned(n) if wants[2] else None
+    native.linear_backward(grad, x, w, saved, grad_x, grad_w, grad_b, code, param,
+                           act.saves_output, **kwargs)
+    # The float64 oracle starts from the float32 saved tensor the kernel saw.
+    dz = grad.double() * act.derivative(saved.double()) if code else grad.double()
+    g_abs = dz.abs()
+    refs = (dz @ wd.detach(), dz.t() @ xd.detach(), dz.sum(0))
+    scales = (g_abs @ w.double().abs(), g_abs.t() @ x.double().abs(), g_abs.sum(0))
+    for name, out, ref, scale in zip(("grad_x", "grad_w", "grad_bias"), (grad_x, grad_w, grad_b),
+                                     refs, scales):
+        if out is not None:
+            assert_close(out, ref, torch.float32, what=f"{name} (activation {code})", scale=scale)
+    return grad_x, grad_w, grad_b
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code,param", ACTIVATIONS)
+def test_linear_backward(isa, code, param):
+    """The one-call backward: every activation, odd shapes, strided x, w and grad_out."""
+    runs_here(isa)
+    for m, k, n in [(1, 1, 1), (7, 13, 5), (64, 128, 10), (127, 33, 17), (257, 129, 40)]:
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        grads = [torch.randn(m, n), torch.randn(n, m).t(), torch.randn(1, n).expand(m, n)]
+        for grad in grads:
+            check_linear_backward(x, w, grad, code, param, isa=isa)
+        check_linear_backward(torch.randn(k, m).t(), torch.randn(k, 2 * n)[:, ::2].t(), grads[0],
+                              code, param, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_backward_partial_and_empty(isa):
+    """Only some gradients wanted (the others stay untouched); zero-size M, N, K; 1 or 2
+    threads give the same bits (the two GEMMs side by side, or one after the other)."""
+    runs_here(isa)
+    x, w, grad = torch.randn(33, 20), torch.randn(9, 20), torch.randn(33, 9)
+    for wants in [(True, False, False), (False, True, False), (False, False, True),
+                  (False, False, False)]:
+        check_linear_backward(x, w, grad, A.TANH, 0.0, wants, isa=isa)
+        check_linear_backward(x, w, grad, A.NONE, 0.0, wants, isa=isa)
+    for m, k, n in [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)]:
+        gx, gw, gb = check_linear_backward(torch.randn(m, k), torch.randn(n, k),
+                                           torch.randn(m, n), A.RELU, 0.0, isa=isa)
+        if m == 0:  # sums over no rows
+            assert torch.equal(gw, torch.zeros(n, k)) and torch.equal(gb, torch.zeros(n))
+    for m, k, n in [(64, 128, 10), (300, 200, 100)]:
+        x, w, grad = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+        one = check_linear_backward(x, w, grad, A.SILU, 0.0, isa=isa, num_threads=1)
+        two = check_linear_backward(x, w, grad, A.SILU, 0.0, isa=isa, num_threads=2)
+        for a, b in zip(one, two):
+            assert torch.equal(a, b)
+
+
+def test_linear_backward_bad_arguments():
+    lib = built()._native()
+    x = torch.randn(4, 4)
+    p = x.data_ptr()
+    good = dict(grad_out=p, grad_out_stride_m=4, grad_out_stride_n=1, saved=p, grad_pre=p, x=p,
+                x_stride_m=4, x_stride_k=1, w=p, w_stride_n=4, w_stride_k=1, grad_x=0, grad_w=0,
+                grad_bias=0, m=4, n=4, k=4, act_code=A.RELU, act_param=0.0, num_threads=1)
+    for bad in (dict(m=-1), dict(k=-1), dict(x_stride_k=-1), dict(act_code=8),
+                dict(num_threads=0), dict(saved=0), dict(grad_out=0), dict(isa="sse9"),
+                dict(grad_x=p, w=0), dict(grad_w=p, x=0)):
+        with pytest.raises(ValueError):
+            lib.linear_backward(**{**good, **bad})
+    out = torch.empty(4, 4)
+    with pytest.raises(ValueError, match="does not save the output"):
+        native.linear_backward(x, x, x, x, out, None, None, A.GELU, 0.0, True)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.linear_backward(x, x, x, x, out.t(), None, None, A.RELU, 0.0, True)
+    with pytest.raises(ValueError, match=r"\(M, K\)"):
+        native.linear_backward(x, x, torch.randn(4, 5), x, None, None, None, A.RELU, 0.0, True)
+    with pytest.raises(TypeError):
+        native.linear_backward(x, x.half(), x, x, None, None, None, A.RELU, 0.0, True)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_fma_peak_is_positive(isa):
     runs_here(isa)

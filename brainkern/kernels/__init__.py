@@ -22,4 +22,41 @@ validates, allocates outputs and calls them. Every backend's linear-family modul
     grad_bias: (N,) contiguous or None; when given, written with ``grad_pre.sum(0)``, reduced in
                at least float32 and in the same pass over the data.
     act_code != NONE.
+
+Optionally, a backend fuses the whole backward of ``out = act(x @ weight^T + bias)``:
+
+``linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code, act_param,
+                  saved_is_output) -> None``
+    grad_out (M, N), x (M, K), weight (N, K): any strides. saved: as for activation_backward,
+    None when act_code is NONE. Writes ``dz = grad_out * act'(z)`` (``grad_out`` itself without
+    an activation), ``grad_bias = dz.sum(0)``, ``grad_x = dz @ weight`` and ``grad_w = dz^T @ x``
+    into the given contiguous outputs, each None when not wanted. A backend without it gets
+    :func:`compose_linear_backward` over its two required kernels.
 """
+
+import torch
+
+from brainkern.activations import NONE
+
+
+def compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code,
+                            act_param, saved_is_output) -> None:
+    """``linear_backward`` built from a backend's ``activation_backward`` and ``matmul_forward``.
+
+    One pass for ``dz`` and the bias gradient, then two GEMMs over strided views (``dz^T`` is a
+    view: the kernels read any strides, so nothing is copied to transpose).
+    """
+    if act_code == NONE:
+        grad_pre = grad_out
+        if grad_bias is not None:
+            acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+            grad_bias.copy_(grad_out.sum(0, dtype=acc))
+    else:
+        grad_pre = torch.empty(grad_out.shape, dtype=x.dtype, device=x.device)
+        kern.activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
+                                 saved_is_output)
+    if grad_x is not None:
+        kern.matmul_forward(grad_pre, weight, None, grad_x, None, NONE, 0.0)
+    if grad_w is not None:
+        kern.matmul_forward(grad_pre.t(), x, None, grad_w, None, NONE, 0.0)
+

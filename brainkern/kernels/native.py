@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from brainkern.activations import NONE
 from brainkern.activations import saves_output as _saves_output
 
 _loaded: dict = {}
+_F32 = torch.float32
+_get_num_threads = torch.get_num_threads
 
 
 def _load():
@@ -85,23 +88,31 @@ def matmul_forward(a, b, bias, out, pre, act_code, act_param, *, isa=None, num_t
 
         numba_linear.matmul_forward(a, b, bias, out, pre, act_code, act_param)
         return
-    # Shapes and strides are read once, as tuples, and shared by the checks and the call: each
-    # tensor attribute costs ~0.1-0.3 us, and at nn.Linear's small sizes (10-20 us calls) the
-    # adapter's own cost showed (it was ~6 us, half of a 64 x 128 x 10 layer).
+    # Every call pays this adapter, and at nn.Linear's small sizes (a few us of arithmetic) it
+    # showed: the common case passes one chain of cheap tests (dtypes are singletons, so `is`),
+    # and only a failing call goes through _check, which says what is wrong.
     try:
-        (m, k), (n_k, n), a_strides, b_strides = a.shape, b.shape, a.stride(), b.stride()
-    except ValueError:
-        raise ValueError(f"native matmul_forward: a {tuple(a.shape)} @ b {tuple(b.shape)}, "
-                         "both must be 2-D") from None
-    _check(a, b, bias, out, pre, m, k, n_k, n)
-    threads = torch.get_num_threads() if num_threads is None else num_threads
+        (m, k), (n_k, n), out_shape = a.shape, b.shape, out.shape
+        ok = (a.dtype is _F32 and b.dtype is _F32 and out.dtype is _F32 and a.is_cpu and b.is_cpu
+              and out.is_cpu and k == n_k and out_shape == (m, n)
+              and (n <= 1 or out.stride(1) == 1)
+              and (bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.shape == (n,)
+                                    and bias.is_contiguous()))
+              and (pre is None or (pre.dtype is _F32 and pre.is_cpu and pre.shape == out_shape
+                                   and (n <= 1 or pre.stride(1) == 1))))
+    except (ValueError, IndexError, AttributeError):
+        ok = False
+    if not ok:
+        _check(a, b, bias, out, pre)
+    a_strides, b_strides = a.stride(), b.stride()
     _native().matmul_forward(
         a.data_ptr(), a_strides[0], a_strides[1],
         b.data_ptr(), b_strides[0], b_strides[1],
         0 if bias is None else bias.data_ptr(),
         out.data_ptr(), out.stride(0),
         0 if pre is None else pre.data_ptr(), 0 if pre is None else pre.stride(0),
-        m, n, k, int(act_code), float(act_param), max(1, threads), isa or "",
+        m, n, k, act_code, act_param,
+        _get_num_threads() if num_threads is None else max(1, num_threads), isa or "",
     )
 
 
@@ -151,22 +162,93 @@ def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_para
     )
 
 
-def _check(a, b, bias, out, pre, m, k, n_k, n):
-    """What the C++ side cannot see from addresses: dtypes, devices, shapes, output strides.
+def linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code, act_param,
+                    saved_is_output, *, isa=None, num_threads=None):
+    """The whole backward of ``out = act(x @ weight^T + bias)`` in one native call.
 
-    a is (m, k), b (n_k, n). The ops layer validates first; this keeps a misuse from reading or
-    writing out of bounds, in about a microsecond (it runs on every call). Outputs overlapping
-    inputs are not checked: the ops layer allocates them fresh.
+    ``dz = grad_out * act'(saved)`` (``dz = grad_out`` when act_code is NONE), then
+    ``grad_bias = dz.sum(0)``, ``grad_x = dz @ weight``, ``grad_w = dz^T @ x``; each output None
+    when not wanted. grad_out (M, N), x (M, K), weight (N, K): any strides. saved: (M, N)
+    contiguous, None when act_code is NONE. grad_x (M, K), grad_w (N, K), grad_bias (N,):
+    contiguous, fresh (not overlapping an input). isa, num_threads: as :func:`matmul_forward`.
+    float32 runs in C++ (both GEMMs side by side when each is small); float64 composes the
+    Numba kernels.
+    """
+    code, param = int(act_code), float(act_param)
+    if x.dtype == torch.float64:
+        from brainkern.kernels import compose_linear_backward
+        from brainkern.kernels.numba import linear as numba_linear
+
+        compose_linear_backward(numba_linear, grad_out, x, weight, saved, grad_x, grad_w,
+                                grad_bias, code, param, saved_is_output)
+        return
+    has_act = code != NONE
+    try:
+        go_shape = grad_out.shape
+        (m, n), (m_x, k), (n_w, k_w) = go_shape, x.shape, weight.shape
+        ok = (grad_out.dtype is _F32 and x.dtype is _F32 and weight.dtype is _F32
+              and grad_out.is_cpu and x.is_cpu and weight.is_cpu
+              and m_x == m and n_w == n and k_w == k
+              and (not has_act or (saved.dtype is _F32 and saved.is_cpu and saved.shape == go_shape
+                                   and saved.is_contiguous()
+                                   and _saves_output(code, param) == bool(saved_is_output)))
+              and _fits(grad_x, (m, k)) and _fits(grad_w, (n, k)) and _fits(grad_bias, (n,)))
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        _check_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, code, param,
+                        saved_is_output)
+    grad_pre = torch.empty(m, n, dtype=_F32) if has_act else None
+    gs, xs, ws = grad_out.stride(), x.stride(), weight.stride()
+    _native().linear_backward(
+        grad_out.data_ptr(), gs[0], gs[1], saved.data_ptr() if has_act else 0,
+        grad_pre.data_ptr() if has_act else 0, x.data_ptr(), xs[0], xs[1],
+        weight.data_ptr(), ws[0], ws[1], 0 if grad_x is None else grad_x.data_ptr(),
+        0 if grad_w is None else grad_w.data_ptr(), 0 if grad_bias is None else grad_bias.data_ptr(),
+        m, n, k, code, param,
+        _get_num_threads() if num_threads is None else max(1, num_threads), isa or "",
+    )
+
+
+def _fits(t, shape) -> bool:
+    """An output the kernels can write: None, or a contiguous float32 CPU tensor of ``shape``."""
+    return t is None or (t.dtype is _F32 and t.is_cpu and t.shape == shape and t.is_contiguous())
+
+
+def _check_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, code, param,
+                    saved_is_output):
+    """Raise the error describing why linear_backward's arguments are not ones it can run."""
+    has_act = code != NONE
+    if has_act and _saves_output(code, param) != bool(saved_is_output):
+        raise ValueError(f"native linear_backward: activation {code} ({param}) does not save the "
+                         f"{'output' if saved_is_output else 'pre-activation'}")
+    for t in (grad_out, x, weight, saved if has_act else None, grad_x, grad_w, grad_bias):
+        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
+            raise TypeError(f"native linear_backward: float32 CPU tensors only, got {t.dtype} "
+                            f"on {t.device}")
+    raise ValueError(
+        f"native linear_backward: grad_out {tuple(grad_out.shape)}, x {tuple(x.shape)}, weight "
+        f"{tuple(weight.shape)}, saved {None if saved is None else tuple(saved.shape)} must be "
+        "(M, N), (M, K), (N, K), (M, N) with saved contiguous, and grad_x, grad_w, grad_bias "
+        "contiguous (M, K), (N, K), (N,)")
+
+
+def _check(a, b, bias, out, pre):
+    """Raise the error describing why matmul_forward's arguments are not ones it can run.
+
+    What the C++ side cannot see from addresses: dtypes, devices, shapes, output strides.
+    Outputs overlapping inputs are not checked: the ops layer allocates them fresh.
     """
     f32 = torch.float32
     for t in (a, b, bias, out, pre):
-        # dtypes are singletons: `is` is half the cost of ==.
         if t is not None and (t.dtype is not f32 or not t.is_cpu):
             raise TypeError(f"native matmul_forward: float32 CPU tensors only, got {t.dtype} "
                             f"on {t.device}")
-    if k != n_k:
-        raise ValueError(f"native matmul_forward: a {tuple(a.shape)} @ b {tuple(b.shape)}")
-    shape = (m, n)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"native matmul_forward: a {tuple(a.shape)} @ b {tuple(b.shape)}, "
+                         "both must be 2-D and agree")
+    shape = (a.shape[0], b.shape[1])
+    n = shape[1]
     for name, t in (("out", out), ("pre", pre)):
         # The kernel writes element (i, j) at i * stride(0) + j: unit column stride needed.
         if t is not None and (t.shape != shape or (n > 1 and t.stride(1) != 1)):
@@ -175,3 +257,4 @@ def _check(a, b, bias, out, pre, m, k, n_k, n):
     if bias is not None and (bias.shape != shape[1:] or not bias.is_contiguous()):
         raise ValueError(f"native matmul_forward: bias must be contiguous ({n},), got "
                          f"{tuple(bias.shape)}")
+    raise AssertionError("unreachable: matmul_forward rejected arguments _check accepts")

@@ -13,6 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from brainkern import activations, backends
 from brainkern.activations import Activation
+from brainkern.kernels import compose_linear_backward
 from brainkern.ops._checks import check_same_kind, check_tensor
 
 
@@ -27,52 +28,67 @@ class FusedLinear(torch.autograd.Function):
     - ``dx = dz @ W``  (M, N) @ (N, K): the forward GEMM with ``b = W`` as stored.
     - ``dW = dz^T @ x`` (N, M) @ (M, K): the forward GEMM over transposed views; the kernels'
       packing reads any strides, so nothing is copied to transpose.
+
+    A backend may do all of it in one call (``linear_backward``, the native core does); else it
+    is composed from the backend's two kernels (brainkern.kernels.compose_linear_backward).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, act: Activation | None, backend: str):
-        kern = backends.kernels(backend, "linear")
+    def forward(ctx, x, weight, bias, act: Activation | None, kern):
         out, saved = _forward(kern, x, weight, bias, act)
         ctx.act, ctx.kern = act, kern
         ctx.save_for_backward(x, weight, saved)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: no double backward through the kernels
+            return FusedLinear._backward_once(ctx, grad_out)
+        return FusedLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, weight, saved = ctx.saved_tensors
         kern, act = ctx.kern, ctx.act
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_bias = None
+        # Allocation is a good part of a small layer's backward: empty_like is the cheapest
+        # torch allocator call (x and weight are contiguous in the common case).
+        grad_x = _empty_contiguous(x) if need_x else None
+        grad_w = _empty_contiguous(weight) if need_w else None
+        grad_b = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device) if need_b else None
         if act is None:
-            grad_pre = grad_out
-            if need_b:
-                acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-                grad_bias = grad_out.sum(0, dtype=acc).to(grad_out.dtype)
+            code, param, saves_output = activations.NONE, 0.0, True
         else:
-            grad_pre = torch.empty(grad_out.shape, dtype=x.dtype, device=x.device)
-            grad_bias = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device) if need_b else None
-            kern.activation_backward(
-                grad_out, saved, grad_pre, grad_bias, act.code, act.param, act.saves_output
-            )
-        grad_x = grad_w = None
-        if need_x:
-            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-            kern.matmul_forward(grad_pre, weight, None, grad_x, None, activations.NONE, 0.0)
-        if need_w:
-            grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            kern.matmul_forward(grad_pre.t(), x, None, grad_w, None, activations.NONE, 0.0)
-        return grad_x, grad_w, grad_bias, None, None
+            code, param, saves_output = act.code, act.param, act.saves_output
+        fused = getattr(kern, "linear_backward", None)
+        if fused is not None:
+            fused(grad_out, x, weight, saved, grad_x, grad_w, grad_b, code, param, saves_output)
+        else:
+            compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, grad_b,
+                                    code, param, saves_output)
+        return grad_x, grad_w, grad_b, None, None
+
+    _backward_once = once_differentiable(_backward)
+
+
+def _empty_contiguous(t):
+    if t.is_contiguous():
+        return torch.empty_like(t)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _forward(kern, x, weight, bias, act):
     """Run the forward kernel; returns (out, what backward keeps for the activation or None)."""
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    keeps_pre = act is not None and not act.saves_output
-    pre = torch.empty_like(out) if keeps_pre else None
-    code, param = activations.code_and_param(act)
-    kern.matmul_forward(x, weight.t(), bias, out, pre, code, param)
-    return out, (pre if keeps_pre else (out if act is not None else None))
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    if act is None:
+        kern.matmul_forward(x, weight.t(), bias, out, None, activations.NONE, 0.0)
+        return out, None
+    if act.saves_output:
+        kern.matmul_forward(x, weight.t(), bias, out, None, act.code, act.param)
+        return out, out
+    pre = torch.empty_like(out)
+    kern.matmul_forward(x, weight.t(), bias, out, pre, act.code, act.param)
+    return out, pre
 
 
 def _autocast(*tensors):
@@ -85,14 +101,14 @@ def _autocast(*tensors):
                  for t in tensors)
 
 
-def linear(input, weight, bias=None, activation=None):
-    """``act(input @ weight^T + bias)`` over any leading dimensions, as F.linear (+ activation).
+# One C call telling whether any autocast region is active (private in torch, present since 2.0;
+# without it, the public per-device check in _autocast runs every time).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
-    input (*, K) or (K,); weight (N, K); bias (N,) or None. Returns (*, N) or (N,).
-    Under torch.autocast the operands are cast to the autocast dtype first, like F.linear.
-    """
+
+def _check_linear(input, weight, bias):
+    """Raise the error that describes what is wrong with linear's arguments (the slow path)."""
     check_tensor("input", input)
-    input, weight, bias = _autocast(input, weight, bias)
     check_tensor("weight", weight, ndim=(2,))
     if bias is not None:
         check_tensor("bias", bias, ndim=(1,))
@@ -107,19 +123,47 @@ def linear(input, weight, bias=None, activation=None):
         )
     if bias is not None and bias.shape[0] != n:
         raise ValueError(f"bias: expected shape ({n},) to match weight, got {tuple(bias.shape)}")
-    act = activations.resolve(activation)
-    backend = backends.select(input.device, input.dtype)
-    lead = input.shape[:-1]
-    x2d = input if input.dim() == 2 else input.reshape(math.prod(lead), k)
+
+
+def linear(input, weight, bias=None, activation=None):
+    """``act(input @ weight^T + bias)`` over any leading dimensions, as F.linear (+ activation).
+
+    input (*, K) or (K,); weight (N, K); bias (N,) or None. Returns (*, N) or (N,).
+    Under torch.autocast the operands are cast to the autocast dtype first, like F.linear.
+    """
+    # This runs for every layer call, and at nn.Linear's small sizes the whole GEMM takes a few
+    # microseconds: the common case is recognised with a handful of cheap tests, and anything
+    # else goes through _check_linear, which names what is wrong.
+    if _any_autocast() and isinstance(input, torch.Tensor):
+        input, weight, bias = _autocast(input, weight, bias)
+    Tensor = torch.Tensor
+    try:
+        dtype, device, (n, k) = input.dtype, input.device, weight.shape
+        valid = (
+            isinstance(input, Tensor) and isinstance(weight, Tensor) and input.is_floating_point()
+            and weight.dtype is dtype and input.ndim > 0 and input.shape[-1] == k
+            and weight.device == device
+            and (bias is None or (isinstance(bias, Tensor) and bias.dtype is dtype
+                                  and bias.shape == (n,) and bias.device == device))
+        )
+    except (AttributeError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        _check_linear(input, weight, bias)  # raises, naming the argument
+        dtype, device, (n, k) = input.dtype, input.device, weight.shape
+    act = activation if activation is None or type(activation) is Activation else (
+        activations.resolve(activation))
+    kern = backends.kernels(backends.select(device, dtype), "linear")
+    x2d = input if input.ndim == 2 else input.reshape(math.prod(input.shape[:-1]), k)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     if torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        out = FusedLinear.apply(x2d, weight, bias, act, backend)
+        out = FusedLinear.apply(x2d, weight, bias, act, kern)
     else:  # inference: skip autograd's bookkeeping, nothing will be saved
-        out = _forward(backends.kernels(backend, "linear"), x2d, weight, bias, act)[0]
-    return out if input.dim() == 2 else out.reshape(*lead, n)
+        out = _forward(kern, x2d, weight, bias, act)[0]
+    return out if input.ndim == 2 else out.reshape(*input.shape[:-1], n)
 
 
 def matmul(a, b):
