@@ -63,7 +63,7 @@ def run(a, b, bias, code=A.NONE, param=0.0, pre=True, **kwargs):
     m, n = a.shape[0], b.shape[1]
     out = poisoned(m, n)
     pre_out = poisoned(m, n) if pre else None
-    native.matmul_forward(a, b, bias, out, pre_out, code, param, **kwargs)
+    native.linear_forward(a, b.t(), bias, out, pre_out, code, param, **kwargs)
     return pre_out, out
 
 
@@ -150,7 +150,7 @@ def test_row_sliced_outputs(isa):
     a, b, bias = torch.randn(19, 23), torch.randn(23, 21), torch.randn(21)
     out_buffer, pre_buffer = poisoned(19, 30), poisoned(19, 30)
     out, pre = out_buffer[:, 4:25], pre_buffer[:, 4:25]
-    native.matmul_forward(a, b, bias, out, pre, A.TANH, 0.0, isa=isa)
+    native.linear_forward(a, b.t(), bias, out, pre, A.TANH, 0.0, isa=isa)
     ref_pre, ref_out = reference(a, b, bias, A.TANH, 0.0)
     assert_close(out, ref_out)
     assert_close(pre, ref_pre)
@@ -201,7 +201,7 @@ def test_forked_child_gets_a_working_pool():
     if pid == 0:
         # Only brainkern's pool in the child: torch's own OpenMP pool (used by torch.full and
         # torch.equal in the parent) hangs a forked child, which is torch's matter, not ours.
-        native.matmul_forward(a, b, None, out, None, A.NONE, 0.0, num_threads=2)
+        native.linear_forward(a, b.t(), None, out, None, A.NONE, 0.0, num_threads=2)
         os._exit(0 if out.numpy().tobytes() == expected.numpy().tobytes() else 1)
     deadline = time.monotonic() + 60
     while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
@@ -360,11 +360,11 @@ def test_bad_arguments_raise_instead_of_crashing():
         with pytest.raises(ValueError):
             lib.matmul_forward(**{**good, **bad})
     with pytest.raises(ValueError, match="unit column stride"):
-        native.matmul_forward(a, a, None, a.t(), None, A.NONE, 0.0)
+        native.linear_forward(a, a, None, a.t(), None, A.NONE, 0.0)
     with pytest.raises(ValueError, match="bias"):
-        native.matmul_forward(a, a, torch.randn(5), torch.empty(4, 4), None, A.NONE, 0.0)
+        native.linear_forward(a, a, torch.randn(5), torch.empty(4, 4), None, A.NONE, 0.0)
     with pytest.raises(TypeError):
-        native.matmul_forward(a.half(), a.half(), None, a.half(), None, A.NONE, 0.0)
+        native.linear_forward(a.half(), a.half(), None, a.half(), None, A.NONE, 0.0)
 
 
 def check_linear_backward(x, w, grad, code, param, wants=(True, True, True), **kwargs):
@@ -492,7 +492,7 @@ def test_float64_goes_to_numba():
     a, b, bias = torch.randn(9, 21, dtype=torch.float64), torch.randn(21, 11,
                                                                      dtype=torch.float64), None
     out = poisoned(9, 11, dtype=torch.float64)
-    native.matmul_forward(a, b, bias, out, None, A.SIGMOID, 0.0)
+    native.linear_forward(a, b.t(), bias, out, None, A.SIGMOID, 0.0)
     assert_close(out, torch.sigmoid(a @ b), tol=TOLERANCE[torch.float64])
     saved, grad = torch.sigmoid(a @ b), torch.randn(9, 11, dtype=torch.float64)
     grad_pre, grad_bias = poisoned(9, 11, dtype=torch.float64), poisoned(11, dtype=torch.float64)

@@ -48,7 +48,7 @@ def forward(a, b, bias, act, with_pre=True):
     m, n = a.shape[0], b.shape[1]
     out = poisoned(m, n, dtype=a.dtype)
     pre = poisoned(m, n, dtype=a.dtype) if with_pre else None
-    kern.matmul_forward(a, b, bias, out, pre, act.code, act.param)
+    kern.linear_forward(a, b.t(), bias, out, pre, act.code, act.param)
     return out, pre
 
 
@@ -175,7 +175,7 @@ def test_torch_thread_count_is_left_alone():
         for threads in (2, 1, 2):
             torch.set_num_threads(threads)
             out = torch.empty(256, 256)
-            kern.matmul_forward(a, b, None, out, None, 0, 0.0)
+            kern.linear_forward(a, b.t(), None, out, None, 0, 0.0)
             assert torch.get_num_threads() == threads, (threads, torch.get_num_threads())
             assert torch.allclose(out, a @ b, atol=1e-4)
         print("ok")
@@ -196,7 +196,7 @@ def _fork_child(a, b, bias, expected, queue):
     """
     try:
         out = torch.empty(expected.shape)
-        kern.matmul_forward(a, b, bias, out, None, acts.TANH, 0.0)
+        kern.linear_forward(a, b.t(), bias, out, None, acts.TANH, 0.0)
         diff = out.numpy().astype("float64") - expected.numpy()
         err = float(np.linalg.norm(diff) / np.linalg.norm(expected.numpy()))
         grad_pre = torch.empty(expected.shape)

@@ -43,7 +43,7 @@ def run_matmul(a, b, bias, act, with_pre=True):
     m, n = a.shape[0], b.shape[1]
     out = poisoned(m, n, dtype=a.dtype, device=a.device)
     pre = poisoned(m, n, dtype=a.dtype, device=a.device) if with_pre else None
-    triton_linear.matmul_forward(a, b, bias, out, pre, act.code, act.param)
+    triton_linear.linear_forward(a, b.t(), bias, out, pre, act.code, act.param)
     return out, pre
 
 

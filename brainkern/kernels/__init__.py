@@ -3,13 +3,14 @@
 They know nothing of autograd, modules or argument checking: the ops layer (brainkern/ops/)
 validates, allocates outputs and calls them. Every backend's linear-family module offers:
 
-``matmul_forward(a, b, bias, out, pre, act_code, act_param) -> None``
-    a:    (M, K) tensor, any strides (transposed and sliced views included).
-    b:    (K, N) tensor, any strides, same dtype and device as ``a``.
-    bias: (N,) contiguous tensor or None.
-    out:  (M, N) contiguous tensor, written with ``act(a @ b + bias)``.
-    pre:  (M, N) contiguous tensor or None; when given, also written with ``a @ b + bias``
-          (the pre-activation that gelu/silu's backward needs).
+``linear_forward(a, weight, bias, out, pre, act_code, act_param) -> None``
+    a:      (M, K) tensor, any strides (transposed and sliced views included).
+    weight: (N, K) tensor, any strides, same dtype and device as ``a``: nn.Linear's layout,
+            so a layer passes its weight as stored (a general ``a @ b`` passes ``b.t()``).
+    bias:   (N,) contiguous tensor or None.
+    out:    (M, N) contiguous tensor, written with ``act(a @ weight^T + bias)``.
+    pre:    (M, N) contiguous tensor or None; when given, also written with
+            ``a @ weight^T + bias`` (the pre-activation that gelu/silu's backward needs).
     act_code, act_param: the activation, as in brainkern.activations (NONE = 0 allowed).
     M, N or K may be 0 (K = 0 gives ``act(bias)``, or ``act(0)`` without bias).
 
@@ -41,10 +42,10 @@ from brainkern.activations import NONE
 
 def compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code,
                             act_param, saved_is_output) -> None:
-    """``linear_backward`` built from a backend's ``activation_backward`` and ``matmul_forward``.
+    """``linear_backward`` built from a backend's ``activation_backward`` and ``linear_forward``.
 
-    One pass for ``dz`` and the bias gradient, then two GEMMs over strided views (``dz^T`` is a
-    view: the kernels read any strides, so nothing is copied to transpose).
+    One pass for ``dz`` and the bias gradient, then two GEMMs over strided views (``dz^T``,
+    ``W^T`` and ``x^T`` are views: the kernels read any strides, so nothing is copied).
     """
     if act_code == NONE:
         grad_pre = grad_out
@@ -56,7 +57,7 @@ def compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, gr
         kern.activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
                                  saved_is_output)
     if grad_x is not None:
-        kern.matmul_forward(grad_pre, weight, None, grad_x, None, NONE, 0.0)
+        kern.linear_forward(grad_pre, weight.t(), None, grad_x, None, NONE, 0.0)  # dz @ W
     if grad_w is not None:
-        kern.matmul_forward(grad_pre.t(), x, None, grad_w, None, NONE, 0.0)
+        kern.linear_forward(grad_pre.t(), x.t(), None, grad_w, None, NONE, 0.0)  # dz^T @ x
 

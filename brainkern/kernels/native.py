@@ -72,12 +72,13 @@ def fma_peak_gflops(num_threads: int | None = None, seconds: float = 0.3,
     return _native().fma_peak_gflops(threads, seconds, isa or "")
 
 
-def matmul_forward(a, b, bias, out, pre, act_code, act_param, *, isa=None, num_threads=None):
-    """``out = act(a @ b + bias)``; ``pre = a @ b + bias`` when given.
+def linear_forward(a, weight, bias, out, pre, act_code, act_param, *, isa=None,
+                   num_threads=None):
+    """``out = act(a @ weight^T + bias)``; ``pre = a @ weight^T + bias`` when given.
 
-    a: (M, K), any strides. b: (K, N), any strides. bias: (N,) contiguous or None.
+    a: (M, K), any strides. weight: (N, K), any strides. bias: (N,) contiguous or None.
     out, pre: (M, N) with unit column stride (contiguous, or a row-sliced view); pre may be None.
-        Neither may overlap a, b or bias: out holds partial sums while the inputs are read.
+        Neither may overlap a, weight or bias: out holds partial sums while the inputs are read.
     act_code, act_param: brainkern.activations' code and leaky_relu's slope.
     isa: run this ISA instead of the default (one of :func:`supported_isas`; for tests).
     num_threads: at most this many threads (default ``torch.get_num_threads()``).
@@ -86,14 +87,15 @@ def matmul_forward(a, b, bias, out, pre, act_code, act_param, *, isa=None, num_t
     if a.dtype == torch.float64:
         from brainkern.kernels.numba import linear as numba_linear
 
-        numba_linear.matmul_forward(a, b, bias, out, pre, act_code, act_param)
+        numba_linear.linear_forward(a, weight, bias, out, pre, act_code, act_param)
         return
     # Every call pays this adapter, and at nn.Linear's small sizes (a few us of arithmetic) it
     # showed: the common case passes one chain of cheap tests (dtypes are singletons, so `is`),
     # and only a failing call goes through _check, which says what is wrong.
     try:
-        (m, k), (n_k, n), out_shape = a.shape, b.shape, out.shape
-        ok = (a.dtype is _F32 and b.dtype is _F32 and out.dtype is _F32 and a.is_cpu and b.is_cpu
+        (m, k), (n, n_k), out_shape = a.shape, weight.shape, out.shape
+        ok = (a.dtype is _F32 and weight.dtype is _F32 and out.dtype is _F32 and a.is_cpu
+              and weight.is_cpu
               and out.is_cpu and k == n_k and out_shape == (m, n)
               and (n <= 1 or out.stride(1) == 1)
               and (bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.shape == (n,)
@@ -103,11 +105,11 @@ def matmul_forward(a, b, bias, out, pre, act_code, act_param, *, isa=None, num_t
     except (ValueError, IndexError, AttributeError):
         ok = False
     if not ok:
-        _check(a, b, bias, out, pre)
-    a_strides, b_strides = a.stride(), b.stride()
-    _native().matmul_forward(
+        _check(a, weight, bias, out, pre)
+    a_strides, w_strides = a.stride(), weight.stride()
+    _native().matmul_forward(  # B = weight^T: B's (k, n) strides are weight's (n, k) swapped
         a.data_ptr(), a_strides[0], a_strides[1],
-        b.data_ptr(), b_strides[0], b_strides[1],
+        weight.data_ptr(), w_strides[1], w_strides[0],
         0 if bias is None else bias.data_ptr(),
         out.data_ptr(), out.stride(0),
         0 if pre is None else pre.data_ptr(), 0 if pre is None else pre.stride(0),
@@ -122,7 +124,7 @@ def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_para
 
     grad_out: (M, N), any strides. saved, grad_pre: (M, N) contiguous. grad_bias: (N,)
     contiguous or None (summed in float64, the same on any thread count). isa, num_threads: as
-    :func:`matmul_forward`. float32 runs in C++; float64 goes to the Numba kernel.
+    :func:`linear_forward`. float32 runs in C++; float64 goes to the Numba kernel.
     """
     if grad_pre.dtype == torch.float64:
         from brainkern.kernels.numba import linear as numba_linear
@@ -170,7 +172,7 @@ def linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_c
     ``grad_bias = dz.sum(0)``, ``grad_x = dz @ weight``, ``grad_w = dz^T @ x``; each output None
     when not wanted. grad_out (M, N), x (M, K), weight (N, K): any strides. saved: (M, N)
     contiguous, None when act_code is NONE. grad_x (M, K), grad_w (N, K), grad_bias (N,):
-    contiguous, fresh (not overlapping an input). isa, num_threads: as :func:`matmul_forward`.
+    contiguous, fresh (not overlapping an input). isa, num_threads: as :func:`linear_forward`.
     float32 runs in C++ (both GEMMs side by side when each is small); float64 composes the
     Numba kernels.
     """
@@ -233,28 +235,28 @@ def _check_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, code,
         "contiguous (M, K), (N, K), (N,)")
 
 
-def _check(a, b, bias, out, pre):
-    """Raise the error describing why matmul_forward's arguments are not ones it can run.
+def _check(a, weight, bias, out, pre):
+    """Raise the error describing why linear_forward's arguments are not ones it can run.
 
     What the C++ side cannot see from addresses: dtypes, devices, shapes, output strides.
     Outputs overlapping inputs are not checked: the ops layer allocates them fresh.
     """
     f32 = torch.float32
-    for t in (a, b, bias, out, pre):
+    for t in (a, weight, bias, out, pre):
         if t is not None and (t.dtype is not f32 or not t.is_cpu):
-            raise TypeError(f"native matmul_forward: float32 CPU tensors only, got {t.dtype} "
+            raise TypeError(f"native linear_forward: float32 CPU tensors only, got {t.dtype} "
                             f"on {t.device}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"native matmul_forward: a {tuple(a.shape)} @ b {tuple(b.shape)}, "
-                         "both must be 2-D and agree")
-    shape = (a.shape[0], b.shape[1])
+    if a.dim() != 2 or weight.dim() != 2 or a.shape[1] != weight.shape[1]:
+        raise ValueError(f"native linear_forward: a {tuple(a.shape)} @ weight^T for weight "
+                         f"{tuple(weight.shape)}: both must be 2-D with the same last dimension")
+    shape = (a.shape[0], weight.shape[0])
     n = shape[1]
     for name, t in (("out", out), ("pre", pre)):
         # The kernel writes element (i, j) at i * stride(0) + j: unit column stride needed.
         if t is not None and (t.shape != shape or (n > 1 and t.stride(1) != 1)):
-            raise ValueError(f"native matmul_forward: {name} must be {shape} with unit column "
+            raise ValueError(f"native linear_forward: {name} must be {shape} with unit column "
                              f"stride, got {tuple(t.shape)} strides {t.stride()}")
     if bias is not None and (bias.shape != shape[1:] or not bias.is_contiguous()):
-        raise ValueError(f"native matmul_forward: bias must be contiguous ({n},), got "
+        raise ValueError(f"native linear_forward: bias must be contiguous ({n},), got "
                          f"{tuple(bias.shape)}")
-    raise AssertionError("unreachable: matmul_forward rejected arguments _check accepts")
+    raise AssertionError("unreachable: linear_forward rejected arguments _check accepts")

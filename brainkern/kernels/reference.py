@@ -13,8 +13,9 @@ def _activation(act_code: int, act_param: float) -> Activation:
     return Activation("", act_code, act_param)
 
 
-def matmul_forward(a, b, bias, out, pre, act_code, act_param):
-    """``out = act(a @ b + bias)``; ``pre = a @ b + bias`` when given. See kernels/__init__.py."""
+def linear_forward(a, weight, bias, out, pre, act_code, act_param):
+    """``out = act(a @ weight^T + bias)``; ``pre`` the same before act. See kernels/__init__.py."""
+    b = weight.t()
     if bias is None:
         z = torch.mm(a, b, out=pre) if pre is not None else torch.mm(a, b)
     else:

@@ -25,9 +25,9 @@ class FusedLinear(torch.autograd.Function):
     - ``dz = g * act'(z)``: one fused pass that also reduces ``db = sum_m dz[m, :]``. act' comes
       from the saved output y for relu/leaky_relu/sigmoid/tanh (e.g. tanh' = 1 - y^2) and from
       the saved pre-activation z for gelu/silu; without an activation ``dz = g``.
-    - ``dx = dz @ W``  (M, N) @ (N, K): the forward GEMM with ``b = W`` as stored.
-    - ``dW = dz^T @ x`` (N, M) @ (M, K): the forward GEMM over transposed views; the kernels'
-      packing reads any strides, so nothing is copied to transpose.
+    - ``dx = dz @ W``  (M, N) @ (N, K) and ``dW = dz^T @ x`` (N, M) @ (M, K): two GEMMs over
+      strided views of the saved tensors; the kernels' packing reads any strides, so nothing
+      is copied to transpose.
 
     A backend may do all of it in one call (``linear_backward``, the native core does); else it
     is composed from the backend's two kernels (brainkern.kernels.compose_linear_backward).
@@ -81,13 +81,13 @@ def _forward(kern, x, weight, bias, act):
     """Run the forward kernel; returns (out, what backward keeps for the activation or None)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     if act is None:
-        kern.matmul_forward(x, weight.t(), bias, out, None, activations.NONE, 0.0)
+        kern.linear_forward(x, weight, bias, out, None, activations.NONE, 0.0)
         return out, None
     if act.saves_output:
-        kern.matmul_forward(x, weight.t(), bias, out, None, act.code, act.param)
+        kern.linear_forward(x, weight, bias, out, None, act.code, act.param)
         return out, out
     pre = torch.empty_like(out)
-    kern.matmul_forward(x, weight.t(), bias, out, pre, act.code, act.param)
+    kern.linear_forward(x, weight, bias, out, pre, act.code, act.param)
     return out, pre
 
 

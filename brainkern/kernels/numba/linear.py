@@ -1,6 +1,7 @@
 """Numba CPU kernels for the linear op family (interface: brainkern/kernels/__init__.py).
 
-``matmul_forward``: a BLIS-style GEMM. C is split into one rectangle of micro-tiles per thread.
+``linear_forward``: a BLIS-style GEMM of A and B = weight^T (read through weight's strides).
+C is split into one rectangle of micro-tiles per thread.
 Each thread packs the parts of A and B it reads into zero-padded micro-panels (``mr`` rows of A,
 ``nr`` columns of B, k-major) block by block: ``kc`` steps of k (a ``kc x nr`` B micro-panel
 stays in L1), ``_MC_PANELS * mr`` rows of A (the packed A block stays in L2), with the
@@ -287,17 +288,18 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return torch.as_strided(t, (extent,), (1,)).numpy()
 
 
-def matmul_forward(a, b, bias, out, pre, act_code, act_param):
-    """``out = act(a @ b + bias)``, ``pre = a @ b + bias`` when given (kernels/__init__.py)."""
+def linear_forward(a, weight, bias, out, pre, act_code, act_param):
+    """``out = act(a @ weight^T + bias)``, ``pre`` the same before act (kernels/__init__.py)."""
     m, k = a.shape
-    n = b.shape[1]
+    n = weight.shape[0]
     if m == 0 or n == 0:
         return
     mr, nr, _ = _simd.gemm_tile(_NUMPY_DTYPE[out.dtype])
     out_flat = _flat(out)
     # Absent operands are replaced by `out` itself behind a False flag: one signature per dtype.
     a_flat, sa0, sa1 = (_flat(a), *a.stride()) if k else (out_flat, 0, 0)
-    b_flat, sb0, sb1 = (_flat(b), *b.stride()) if k else (out_flat, 0, 0)
+    # B = weight^T: B[p, j] = weight[j, p], so B's strides are weight's swapped.
+    b_flat, sb1, sb0 = (_flat(weight), *weight.stride()) if k else (out_flat, 0, 0)
     bias_flat = out_flat if bias is None else _flat(bias)
     pre_flat = out_flat if pre is None else _flat(pre)
     kc = _cdiv(k, _cdiv(k, _KC)) if k else 1  # equal k blocks: 257 -> 129 + 128, not 256 + 1

@@ -233,10 +233,10 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def matmul_forward(a, b, bias, out, pre, act_code, act_param):
-    """``out = act(a @ b + bias)``; ``pre = a @ b + bias`` when given. See kernels/__init__.py."""
+def linear_forward(a, weight, bias, out, pre, act_code, act_param):
+    """``out = act(a @ weight^T + bias)``; ``pre`` the same before act. See kernels/__init__.py."""
     M, K = a.shape
-    N = b.shape[1]
+    N = weight.shape[0]
     if M == 0 or N == 0:
         return
 
@@ -246,10 +246,10 @@ def matmul_forward(a, b, bias, out, pre, act_code, act_param):
     # Absent tensors are not read or written (HAS_BIAS / STORE_PRE are False); any valid
     # pointer of the right dtype stands in for them.
     matmul_kernel[grid](
-        a, b, out if bias is None else bias, out, out if pre is None else pre,
+        a, weight, out if bias is None else bias, out, out if pre is None else pre,
         M, N, K,
         a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
+        weight.stride(1), weight.stride(0),  # B = weight^T
         out.stride(0), out.stride(1),
         float(act_param),
         triton.next_power_of_2(M), triton.next_power_of_2(N), triton.next_power_of_2(K),
