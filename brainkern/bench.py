@@ -8,6 +8,8 @@ it as the stronger vendor baseline.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
 import functools
 import platform
@@ -20,6 +22,7 @@ import torch
 import brainkern.functional as BF
 import brainkern.nn as bnn
 from brainkern import backends
+from brainkern.accelerate import accelerate
 
 
 @dataclass
@@ -34,20 +37,54 @@ class Result:
         return self.flops / self.seconds / 1e9
 
 
-def time_call(fn, min_seconds: float = 0.25, rounds: int = 5) -> float:
-    """Median seconds per call over ``rounds`` rounds, each long enough to time reliably."""
-    fn()  # warm-up: first-call compilation, allocator, caches
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    calls = max(1, int(min_seconds / rounds / once))
-    samples = []
-    for _ in range(rounds):
+@dataclass(frozen=True)
+class Impl:
+    """A callable to time, and the backend it runs on (None: no brainkern backend chosen).
+
+    The backend is chosen around the timing loop, as a user chooses it once, not per call.
+    """
+
+    fn: object
+    backend: str | None = None
+
+
+def _calibrate(impl: Impl, seconds: float) -> int:
+    """Calls per round so that a round takes about ``seconds`` (after a warm-up call)."""
+    with _backend_of(impl):
+        impl.fn()  # warm-up: first-call compilation, allocator, caches
         start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+        impl.fn()
+        once = max(time.perf_counter() - start, 1e-7)
+    return max(1, int(seconds / once))
+
+
+def _backend_of(impl: Impl):
+    return backends.use_backend(impl.backend) if impl.backend else contextlib.nullcontext()
+
+
+def time_impls(impls: dict[str, Impl], min_seconds: float = 0.3, rounds: int = 11) -> dict[str, float]:
+    """Median seconds per call of each implementation.
+
+    The implementations take turns, round by round (each round starting with a different one):
+    on a shared VM the machine's speed drifts by 10-25% over seconds, and timing one
+    implementation after another would put that drift into their ratio.
+    """
+    calls = {name: _calibrate(impl, min_seconds / rounds) for name, impl in impls.items()}
+    samples: dict[str, list[float]] = {name: [] for name in impls}
+    names = list(impls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            impl, n = impls[name], calls[name]
+            with _backend_of(impl):
+                start = time.perf_counter()
+                for _ in range(n):
+                    impl.fn()
+                samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _record(results: list, case: str, flops: float, impls: dict[str, Impl]) -> None:
+    results.extend(Result(case, name, flops, seconds) for name, seconds in time_impls(impls).items())
 
 
 def cpu_backends() -> list[str]:
@@ -80,11 +117,6 @@ def _right_mul(mul, b, a):
     return mul(a, b)
 
 
-def _on_backend(name, fn, *args):
-    with backends.use_backend(name):
-        return fn(*args)
-
-
 def _train_step(layer, x, post, mode):
     """One forward (``fwd``, no autograd) or forward+backward (``fwd+bwd``) of ``layer``."""
     if mode == "fwd":
@@ -102,13 +134,12 @@ def bench_square(sizes, results: list[Result]) -> None:
         for mode, flops in (("fwd", 2.0 * n**3), ("fwd+bwd", 6.0 * n**3)):
             ours = functools.partial(_train_step, functools.partial(_right_mul, BF.matmul, b), a,
                                      _identity, mode)
-            impls = {name: functools.partial(_on_backend, name, ours) for name in cpu_backends()}
-            impls["torch.mm (MKL)"] = functools.partial(
-                _train_step, functools.partial(_right_mul, torch.mm, b), a, _identity, mode)
+            impls = {name: Impl(ours, name) for name in cpu_backends()}
+            impls["torch.mm (MKL)"] = Impl(functools.partial(
+                _train_step, functools.partial(_right_mul, torch.mm, b), a, _identity, mode))
             if mode == "fwd" and torch.backends.mkldnn.is_available():
-                impls["oneDNN"] = _onednn_linear(a.detach(), b.detach().t().contiguous())
-            case = f"gemm {n}^3 {mode}"
-            results.extend(Result(case, impl, flops, time_call(fn)) for impl, fn in impls.items())
+                impls["oneDNN"] = Impl(_onednn_linear(a.detach(), b.detach().t().contiguous()))
+            _record(results, f"gemm {n}^3 {mode}", flops, impls)
 
 
 def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 10, None))) -> None:
@@ -124,17 +155,38 @@ def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 
             fwd_flops = 2.0 * batch * k * n
             # forward+backward: dX and dW are two more GEMMs of the same size.
             for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3 * fwd_flops)):
-                impls = {}
-                for name in cpu_backends():
-                    impls[name] = lambda name=name, mode=mode, x=x, ours=ours: _on_backend(
-                        name, _train_step, ours, x, _identity, mode)
-                impls["torch eager"] = lambda mode=mode, x=x, layer=torch_layer, post=torch_act: (
-                    _train_step(layer, x, post, mode))
+                step = functools.partial(_train_step, ours, x, _identity, mode)
+                impls = {name: Impl(step, name) for name in cpu_backends()}
+                impls["torch eager"] = Impl(
+                    functools.partial(_train_step, torch_layer, x, torch_act, mode))
                 if mode == "fwd" and torch.backends.mkldnn.is_available():
-                    impls["oneDNN"] = _onednn_linear(
-                        x.detach(), torch_layer.weight.detach(), torch_layer.bias.detach())
-                case = f"{label} {mode}"
-                results.extend(Result(case, impl, flops, time_call(fn)) for impl, fn in impls.items())
+                    impls["oneDNN"] = Impl(_onednn_linear(
+                        x.detach(), torch_layer.weight.detach(), torch_layer.bias.detach()))
+                _record(results, f"{label} {mode}", flops, impls)
+        bench_mlp_model(batch, layers, results)
+
+
+_TORCH_ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid,
+                      "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
+
+
+def bench_mlp_model(batch, layers, results: list[Result]) -> None:
+    """The whole MLP (the layers as one nn.Sequential), torch's against brainkern.accelerate's."""
+    modules = []
+    for k, n, act in layers:
+        modules.append(torch.nn.Linear(k, n))
+        if act is not None:
+            modules.append(_TORCH_ACTIVATIONS[act]())
+    torch_model = torch.nn.Sequential(*modules)
+    ours = accelerate(copy.deepcopy(torch_model))
+    x = torch.randn(batch, layers[0][0], requires_grad=True)
+    fwd_flops = sum(2.0 * batch * k * n for k, n, _ in layers)
+    label = f"mlp {batch}x" + "-".join([str(layers[0][0])] + [str(n) for _, n, _ in layers])
+    for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3 * fwd_flops)):
+        step = functools.partial(_train_step, ours, x, _identity, mode)
+        impls = {name: Impl(step, name) for name in cpu_backends()}
+        impls["torch eager"] = Impl(functools.partial(_train_step, torch_model, x, _identity, mode))
+        _record(results, f"{label} {mode}", flops, impls)
 
 
 def format_table(results: list[Result], peak: float | None) -> str:

@@ -14,13 +14,20 @@ def test_info_names_backends_and_versions(capsys):
 
 def test_bench_linear_prints_a_table(monkeypatch, tmp_path, capsys):
     # Only that it runs and reports every implementation: speed itself is never asserted here.
-    monkeypatch.setattr(bench, "time_call", lambda fn, **_: (fn(), 1e-3)[1])
+    def run_once(impls, **_):
+        for impl in impls.values():
+            with bench._backend_of(impl):
+                impl.fn()
+        return dict.fromkeys(impls, 1e-3)
+
+    monkeypatch.setattr(bench, "time_impls", run_once)
     out = tmp_path / "table.md"
     assert cli.main(["bench", "linear", "--sizes", "32", "--batches", "4", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     for impl in bench.cpu_backends() + ["torch.mm (MKL)", "torch eager"]:
         assert f"| {impl} |" in text
     assert "gemm 32^3 fwd+bwd" in text and "linear 4x784->128+relu fwd+bwd" in text
+    assert "mlp 4x784-128-10 fwd+bwd" in text
     assert out.read_text().startswith("# brainkern bench linear")
 
 
