@@ -129,6 +129,46 @@ def test_matmul_follows_torch_matmul(backend, shapes):
     assert_close(b.grad, ref_b.grad, what="d b")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["input", "weight", "bias"])
+def test_linear_frozen_tensors_get_no_gradient(backend, frozen):
+    """Only what requires grad gets a gradient (a frozen layer, or data as the input)."""
+    tensors = {"input": torch.randn(9, 7), "weight": torch.randn(5, 7), "bias": torch.randn(5)}
+    for name, t in tensors.items():
+        t.requires_grad_(name != frozen)
+    with backends.use_backend(backend):
+        out = BF.linear(tensors["input"], tensors["weight"], tensors["bias"], "tanh")
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    ref = {name: t.detach().double().requires_grad_() for name, t in tensors.items()}
+    reference(ref["input"], ref["weight"], ref["bias"], "tanh").backward(grad.double())
+    for name, t in tensors.items():
+        if name == frozen:
+            assert t.grad is None
+        else:
+            assert_close(t.grad, ref[name].grad, torch.float32, tol=1e-4, what=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["sigmoid", "gelu", None], ids=str)
+def test_linear_double_backward(backend, activation):
+    """backward(create_graph=True), as a gradient penalty does: the first gradients are right
+    and differentiable, and the second derivatives match torch's."""
+    leaves = [torch.randn(6, 4), torch.randn(3, 4), torch.randn(3)]
+    ours = [t.double().requires_grad_() for t in leaves]
+    ref = [t.double().requires_grad_() for t in leaves]
+    results = []
+    for tensors, run in ((ours, BF.linear), (ref, reference)):
+        x, w, b = tensors
+        with backends.use_backend(backend):
+            out = run(x, w, b, activation)
+            (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+            penalty = gx.pow(2).sum()
+            results.append((gx, *torch.autograd.grad(penalty, (x, w, b))))
+    for name, a, b in zip(("d input", "d2 input", "d2 weight", "d2 bias"), *results):
+        assert_close(a, b, torch.float64, what=name)
+
+
 @pytest.mark.parametrize(
     "args, error, match",
     [

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from brainkern import activations, backends
 from brainkern.activations import Activation
@@ -37,18 +36,31 @@ class FusedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act: Activation | None, kern):
         out, saved = _forward(kern, x, weight, bias, act)
         ctx.act, ctx.kern = act, kern
-        ctx.save_for_backward(x, weight, saved)
+        ctx.save_for_backward(x, weight, bias, saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True: no double backward through the kernels
-            return FusedLinear._backward_once(ctx, grad_out)
+        if torch.is_grad_enabled():
+            return FusedLinear._differentiable_backward(ctx, grad_out)
         return FusedLinear._backward(ctx, grad_out)
 
     @staticmethod
+    def _differentiable_backward(ctx, grad_out):
+        """backward(create_graph=True), e.g. for a gradient penalty: the gradients must be
+        differentiable themselves, which the kernels' are not. The layer is recomputed with
+        torch's ops and differentiated by autograd (reentrant), so that higher derivatives are
+        exact for every activation, gelu's and silu's pre-activation included."""
+        x, weight, bias, _ = ctx.saved_tensors
+        inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad) if need]
+        z = torch.nn.functional.linear(x, weight, bias)
+        y = z if ctx.act is None else ctx.act.forward(z)
+        grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None)
+
+    @staticmethod
     def _backward(ctx, grad_out):
-        x, weight, saved = ctx.saved_tensors
+        x, weight, _, saved = ctx.saved_tensors
         kern, act = ctx.kern, ctx.act
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # Allocation is a good part of a small layer's backward: empty_like is the cheapest
@@ -67,8 +79,6 @@ class FusedLinear(torch.autograd.Function):
             compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, grad_b,
                                     code, param, saves_output)
         return grad_x, grad_w, grad_b, None, None
-
-    _backward_once = once_differentiable(_backward)
 
 
 def _empty_contiguous(t):
