@@ -70,6 +70,8 @@ def test_linear_gradcheck(backend, activation):
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     with backends.use_backend(backend):
         assert torch.autograd.gradcheck(lambda *t: BF.linear(*t, activation=activation), (x, w, b))
+        assert torch.autograd.gradgradcheck(
+            lambda *t: BF.linear(*t, activation=activation), (x, w, b))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
