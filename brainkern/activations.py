@@ -104,11 +104,6 @@ def resolve(activation) -> Activation | None:
     )
 
 
-def code_and_param(activation: Activation | None) -> tuple[int, float]:
-    """The plain (code, param) pair kernels take."""
-    return (NONE, 0.0) if activation is None else (activation.code, activation.param)
-
-
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
