@@ -167,3 +167,28 @@ def kernels(name: str, family: str):
     if name in ("native", "torch"):
         return importlib.import_module(package)
     return importlib.import_module(f"{package}.{family}")
+
+
+# (requested backend, device, dtype, family) -> kernel module, for kernels_for. Only
+# successful selections are kept: a backend that cannot serve raises every time.
+_selected: dict = {}
+
+
+def kernels_for(family: str, device: torch.device, dtype: torch.dtype):
+    """``kernels(select(device, dtype), family)``, memoised: it runs on every op call.
+
+    What decides the choice is the requested backend (use_backend or the environment, read live
+    each call), the device and the dtype; the rest (what is built) cannot change while the
+    process runs. Triton on CPU also depends on TRITON_INTERPRET, so that choice is not kept.
+    The key holds the device itself: ``device.type`` builds its string through a C++ ostream
+    on every access, 0.3 us alone and ~7 us inside a training step (measured).
+    """
+    requested = _override.get() or _read_env()
+    key = (requested, device, dtype, family)
+    kern = _selected.get(key)
+    if kern is None:
+        kern = kernels(select(device, dtype), family)
+        if requested != "triton":
+            _selected[key] = kern
+    return kern
+

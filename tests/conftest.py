@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from brainkern.kernels import native  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
@@ -21,3 +23,21 @@ def _fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())  # str hash() differs per process
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _native_kernels_check_their_arguments(monkeypatch):
+    """In every test, each call into the native kernels first runs the kernel's argument check.
+
+    The kernels trust their arguments (the C++ core sees only addresses), and the ops layer is
+    what makes that safe: with this, every test that goes through the ops layer also shows that
+    it hands the kernels only arguments they can run.
+    """
+    for name in ("linear_forward", "activation_backward", "linear_backward"):
+        kernel, check = getattr(native, name), getattr(native, f"check_{name}")
+
+        def checked(*args, _kernel=kernel, _check=check, **kwargs):
+            _check(*args)
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(native, name, checked)

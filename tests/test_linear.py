@@ -238,3 +238,39 @@ def test_linear_under_autocast_follows_f_linear():
         ref = torch.relu(torch.nn.functional.linear(x, w, b))
     assert out.dtype == ref.dtype == torch.bfloat16
     assert_close(out, ref.double(), torch.bfloat16)
+
+
+def test_functorch_transforms_get_autograd_functions_own_error():
+    """linear() calls the C++ Function.apply directly, but not under a functorch transform:
+    there Function.apply's own check runs and names what is missing."""
+    layer = brainkern.nn.Linear(3, 2)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: layer(x).sum())(torch.randn(4, 3))
+
+
+def test_linear_on_a_tensor_that_escaped_a_transform():
+    """A tensor kept from inside torch.func.grad is a dead functorch wrapper, with no storage:
+    linear unwraps it, as Function.apply does (passed as is, the kernel has no data pointer)."""
+    escaped = []
+    torch.func.grad(lambda t: (escaped.append(t), t.sum())[1])(torch.randn(4, 3))
+    assert torch._C._functorch.is_functorch_wrapped_tensor(escaped[0])
+    w = torch.randn(2, 3, requires_grad=True)
+    out = BF.linear(escaped[0], w, None, "tanh")
+    ref = torch.tanh(torch.nn.functional.linear(escaped[0], w))
+    assert_close(out, ref.double(), torch.float32)
+    out.sum().backward()
+    assert w.grad is not None
+
+
+def test_linear_under_torch_compile():
+    """torch.compile traces around the kernels (they read data pointers) and runs them eagerly:
+    the compiled layer gives the eager layer's values and gradients."""
+    layer = brainkern.nn.Linear(5, 3, activation="relu")
+    x = torch.randn(4, 5, requires_grad=True)
+    out = torch.compile(layer)(x)
+    ref = torch.relu(torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert_close(out, ref.double(), torch.float32)
+    grad = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, grad)
+    (theirs,) = torch.autograd.grad(ref, x, grad)
+    assert_close(ours, theirs.double(), torch.float32)

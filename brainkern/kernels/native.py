@@ -17,7 +17,7 @@ from brainkern.activations import NONE
 from brainkern.activations import saves_output as _saves_output
 
 _loaded: dict = {}
-_F32 = torch.float32
+_F32, _F64 = torch.float32, torch.float64
 _get_num_threads = torch.get_num_threads
 
 
@@ -83,29 +83,19 @@ def linear_forward(a, weight, bias, out, pre, act_code, act_param, *, isa=None,
     isa: run this ISA instead of the default (one of :func:`supported_isas`; for tests).
     num_threads: at most this many threads (default ``torch.get_num_threads()``).
     float32 runs in C++; float64 goes to the Numba kernels.
+
+    Like every kernel it trusts its arguments (brainkern/kernels/__init__.py): the ops layer has
+    checked them. The C++ core sees only addresses, so arguments that break this contract would
+    be read or written out of bounds: :func:`check_linear_forward` says what is wrong with them.
     """
-    if a.dtype == torch.float64:
+    # No checks here: at nn.Linear's small sizes the GEMM is a few us, and re-checking what the
+    # ops layer checked cost ~3.5 us per call (measured), as much as the arithmetic.
+    if a.dtype is _F64:
         from brainkern.kernels.numba import linear as numba_linear
 
         numba_linear.linear_forward(a, weight, bias, out, pre, act_code, act_param)
         return
-    # Every call pays this adapter, and at nn.Linear's small sizes (a few us of arithmetic) it
-    # showed: the common case passes one chain of cheap tests (dtypes are singletons, so `is`),
-    # and only a failing call goes through _check, which says what is wrong.
-    try:
-        (m, k), (n, n_k), out_shape = a.shape, weight.shape, out.shape
-        ok = (a.dtype is _F32 and weight.dtype is _F32 and out.dtype is _F32 and a.is_cpu
-              and weight.is_cpu
-              and out.is_cpu and k == n_k and out_shape == (m, n)
-              and (n <= 1 or out.stride(1) == 1)
-              and (bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.shape == (n,)
-                                    and bias.is_contiguous()))
-              and (pre is None or (pre.dtype is _F32 and pre.is_cpu and pre.shape == out_shape
-                                   and (n <= 1 or pre.stride(1) == 1))))
-    except (ValueError, IndexError, AttributeError):
-        ok = False
-    if not ok:
-        _check(a, weight, bias, out, pre)
+    (m, k), n = a.shape, weight.shape[0]
     a_strides, w_strides = a.stride(), weight.stride()
     _native().matmul_forward(  # B = weight^T: B's (k, n) strides are weight's (n, k) swapped
         a.data_ptr(), a_strides[0], a_strides[1],
@@ -118,132 +108,16 @@ def linear_forward(a, weight, bias, out, pre, act_code, act_param, *, isa=None,
     )
 
 
-def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
-                        saved_is_output, *, isa=None, num_threads=None):
-    """``grad_pre = grad_out * act'(saved)``, ``grad_bias = grad_pre.sum(0)`` when given.
+def check_linear_forward(a, weight, bias, out, pre, act_code, act_param) -> None:
+    """Raise a TypeError/ValueError if :func:`linear_forward` cannot run these arguments.
 
-    grad_out: (M, N), any strides. saved, grad_pre: (M, N) contiguous. grad_bias: (N,)
-    contiguous or None (summed in float64, the same on any thread count). isa, num_threads: as
-    :func:`linear_forward`. float32 runs in C++; float64 goes to the Numba kernel.
-    """
-    if grad_pre.dtype == torch.float64:
-        from brainkern.kernels.numba import linear as numba_linear
-
-        numba_linear.activation_backward(grad_out, saved, grad_pre, grad_bias, act_code,
-                                         act_param, saved_is_output)
-        return
-    code, param = int(act_code), float(act_param)
-    # The C++ side takes the formula from the code alone (leaky_relu's is the same from either
-    # tensor); the flag is the caller's claim about which tensor it saved, checked here.
-    saves_output = _saves_output(code, param)
-    if saves_output != bool(saved_is_output):
-        raise ValueError(f"native activation_backward: activation {code} ({param}) saves the "
-                         f"{'output' if saves_output else 'pre-activation'}, but "
-                         f"saved_is_output={saved_is_output}")
-    shape = grad_pre.shape
-    f32 = torch.float32
-    for t in (grad_out, saved, grad_pre, grad_bias):
-        if t is not None and (t.dtype is not f32 or not t.is_cpu):
-            raise TypeError(f"native activation_backward: float32 CPU tensors only, got "
-                            f"{t.dtype} on {t.device}")
-    if (len(shape) != 2 or grad_out.shape != shape or saved.shape != shape
-            or not saved.is_contiguous() or not grad_pre.is_contiguous()):
-        raise ValueError(f"native activation_backward: grad_out {tuple(grad_out.shape)}, saved "
-                         f"{tuple(saved.shape)} and grad_pre {tuple(shape)} must be one 2-D "
-                         "shape, saved and grad_pre contiguous")
-    m, n = shape
-    if grad_bias is not None and (grad_bias.shape != shape[1:] or not grad_bias.is_contiguous()):
-        raise ValueError(f"native activation_backward: grad_bias must be contiguous ({n},), got "
-                         f"{tuple(grad_bias.shape)}")
-    strides = grad_out.stride()
-    threads = torch.get_num_threads() if num_threads is None else num_threads
-    _native().activation_backward(
-        grad_out.data_ptr(), strides[0], strides[1], saved.data_ptr(), grad_pre.data_ptr(),
-        0 if grad_bias is None else grad_bias.data_ptr(), m, n, code, param, max(1, threads),
-        isa or "",
-    )
-
-
-def linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code, act_param,
-                    saved_is_output, *, isa=None, num_threads=None):
-    """The whole backward of ``out = act(x @ weight^T + bias)`` in one native call.
-
-    ``dz = grad_out * act'(saved)`` (``dz = grad_out`` when act_code is NONE), then
-    ``grad_bias = dz.sum(0)``, ``grad_x = dz @ weight``, ``grad_w = dz^T @ x``; each output None
-    when not wanted. grad_out (M, N), x (M, K), weight (N, K): any strides. saved: (M, N)
-    contiguous, None when act_code is NONE. grad_x (M, K), grad_w (N, K), grad_bias (N,):
-    contiguous, fresh (not overlapping an input). isa, num_threads: as :func:`linear_forward`.
-    float32 runs in C++ (both GEMMs side by side when each is small); float64 composes the
-    Numba kernels.
-    """
-    code, param = int(act_code), float(act_param)
-    if x.dtype == torch.float64:
-        from brainkern.kernels import compose_linear_backward
-        from brainkern.kernels.numba import linear as numba_linear
-
-        compose_linear_backward(numba_linear, grad_out, x, weight, saved, grad_x, grad_w,
-                                grad_bias, code, param, saved_is_output)
-        return
-    has_act = code != NONE
-    try:
-        go_shape = grad_out.shape
-        (m, n), (m_x, k), (n_w, k_w) = go_shape, x.shape, weight.shape
-        ok = (grad_out.dtype is _F32 and x.dtype is _F32 and weight.dtype is _F32
-              and grad_out.is_cpu and x.is_cpu and weight.is_cpu
-              and m_x == m and n_w == n and k_w == k
-              and (not has_act or (saved.dtype is _F32 and saved.is_cpu and saved.shape == go_shape
-                                   and saved.is_contiguous()
-                                   and _saves_output(code, param) == bool(saved_is_output)))
-              and _fits(grad_x, (m, k)) and _fits(grad_w, (n, k)) and _fits(grad_bias, (n,)))
-    except (ValueError, AttributeError):
-        ok = False
-    if not ok:
-        _check_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, code, param,
-                        saved_is_output)
-    grad_pre = torch.empty(m, n, dtype=_F32) if has_act else None
-    gs, xs, ws = grad_out.stride(), x.stride(), weight.stride()
-    _native().linear_backward(
-        grad_out.data_ptr(), gs[0], gs[1], saved.data_ptr() if has_act else 0,
-        grad_pre.data_ptr() if has_act else 0, x.data_ptr(), xs[0], xs[1],
-        weight.data_ptr(), ws[0], ws[1], 0 if grad_x is None else grad_x.data_ptr(),
-        0 if grad_w is None else grad_w.data_ptr(), 0 if grad_bias is None else grad_bias.data_ptr(),
-        m, n, k, code, param,
-        _get_num_threads() if num_threads is None else max(1, num_threads), isa or "",
-    )
-
-
-def _fits(t, shape) -> bool:
-    """An output the kernels can write: None, or a contiguous float32 CPU tensor of ``shape``."""
-    return t is None or (t.dtype is _F32 and t.is_cpu and t.shape == shape and t.is_contiguous())
-
-
-def _check_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, code, param,
-                    saved_is_output):
-    """Raise the error describing why linear_backward's arguments are not ones it can run."""
-    has_act = code != NONE
-    if has_act and _saves_output(code, param) != bool(saved_is_output):
-        raise ValueError(f"native linear_backward: activation {code} ({param}) does not save the "
-                         f"{'output' if saved_is_output else 'pre-activation'}")
-    for t in (grad_out, x, weight, saved if has_act else None, grad_x, grad_w, grad_bias):
-        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
-            raise TypeError(f"native linear_backward: float32 CPU tensors only, got {t.dtype} "
-                            f"on {t.device}")
-    raise ValueError(
-        f"native linear_backward: grad_out {tuple(grad_out.shape)}, x {tuple(x.shape)}, weight "
-        f"{tuple(weight.shape)}, saved {None if saved is None else tuple(saved.shape)} must be "
-        "(M, N), (M, K), (N, K), (M, N) with saved contiguous, and grad_x, grad_w, grad_bias "
-        "contiguous (M, K), (N, K), (N,)")
-
-
-def _check(a, weight, bias, out, pre):
-    """Raise the error describing why linear_forward's arguments are not ones it can run.
-
-    What the C++ side cannot see from addresses: dtypes, devices, shapes, output strides.
+    What the C++ side cannot see from addresses: dtypes, devices, ranks, shapes, output strides.
     Outputs overlapping inputs are not checked: the ops layer allocates them fresh.
     """
-    f32 = torch.float32
+    if a.dtype is _F64:
+        return  # the Numba kernels, which index tensors as arrays
     for t in (a, weight, bias, out, pre):
-        if t is not None and (t.dtype is not f32 or not t.is_cpu):
+        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
             raise TypeError(f"native linear_forward: float32 CPU tensors only, got {t.dtype} "
                             f"on {t.device}")
     if a.dim() != 2 or weight.dim() != 2 or a.shape[1] != weight.shape[1]:
@@ -259,4 +133,124 @@ def _check(a, weight, bias, out, pre):
     if bias is not None and (bias.shape != shape[1:] or not bias.is_contiguous()):
         raise ValueError(f"native linear_forward: bias must be contiguous ({n},), got "
                          f"{tuple(bias.shape)}")
-    raise AssertionError("unreachable: linear_forward rejected arguments _check accepts")
+
+
+def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
+                        saved_is_output, *, isa=None, num_threads=None):
+    """``grad_pre = grad_out * act'(saved)``, ``grad_bias = grad_pre.sum(0)`` when given.
+
+    grad_out: (M, N), any strides. saved, grad_pre: (M, N) contiguous. grad_bias: (N,)
+    contiguous or None (summed in float64, the same on any thread count). isa, num_threads: as
+    :func:`linear_forward`. float32 runs in C++; float64 goes to the Numba kernel. Trusts its
+    arguments: :func:`check_activation_backward` says what is wrong with ones it cannot run.
+    """
+    if grad_pre.dtype is _F64:
+        from brainkern.kernels.numba import linear as numba_linear
+
+        numba_linear.activation_backward(grad_out, saved, grad_pre, grad_bias, act_code,
+                                         act_param, saved_is_output)
+        return
+    m, n = grad_pre.shape
+    strides = grad_out.stride()
+    _native().activation_backward(
+        grad_out.data_ptr(), strides[0], strides[1], saved.data_ptr(), grad_pre.data_ptr(),
+        0 if grad_bias is None else grad_bias.data_ptr(), m, n, act_code, act_param,
+        _get_num_threads() if num_threads is None else max(1, num_threads), isa or "",
+    )
+
+
+def check_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
+                              saved_is_output) -> None:
+    """Raise a TypeError/ValueError if :func:`activation_backward` cannot run these arguments."""
+    if grad_pre.dtype is _F64:
+        return
+    _check_saved_flag("activation_backward", act_code, act_param, saved_is_output)
+    for t in (grad_out, saved, grad_pre, grad_bias):
+        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
+            raise TypeError(f"native activation_backward: float32 CPU tensors only, got "
+                            f"{t.dtype} on {t.device}")
+    shape = grad_pre.shape
+    if (len(shape) != 2 or grad_out.shape != shape or saved.shape != shape
+            or not saved.is_contiguous() or not grad_pre.is_contiguous()):
+        raise ValueError(f"native activation_backward: grad_out {tuple(grad_out.shape)}, saved "
+                         f"{tuple(saved.shape)} and grad_pre {tuple(shape)} must be one 2-D "
+                         "shape, saved and grad_pre contiguous")
+    if grad_bias is not None and (grad_bias.shape != shape[1:] or not grad_bias.is_contiguous()):
+        raise ValueError(f"native activation_backward: grad_bias must be contiguous "
+                         f"({shape[1]},), got {tuple(grad_bias.shape)}")
+
+
+def linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code, act_param,
+                    saved_is_output, *, isa=None, num_threads=None):
+    """The whole backward of ``out = act(x @ weight^T + bias)`` in one native call.
+
+    ``dz = grad_out * act'(saved)`` (``dz = grad_out`` when act_code is NONE), then
+    ``grad_bias = dz.sum(0)``, ``grad_x = dz @ weight``, ``grad_w = dz^T @ x``; each output None
+    when not wanted. grad_out (M, N), x (M, K), weight (N, K): any strides. saved: (M, N)
+    contiguous, None when act_code is NONE. grad_x (M, K), grad_w (N, K), grad_bias (N,):
+    contiguous, fresh (not overlapping an input). isa, num_threads: as :func:`linear_forward`.
+    float32 runs in C++ (both GEMMs side by side when each is small); float64 composes the
+    Numba kernels. Trusts its arguments: :func:`check_linear_backward` says what is wrong with
+    ones it cannot run.
+    """
+    if x.dtype is _F64:
+        from brainkern.kernels import compose_linear_backward
+        from brainkern.kernels.numba import linear as numba_linear
+
+        compose_linear_backward(numba_linear, grad_out, x, weight, saved, grad_x, grad_w,
+                                grad_bias, act_code, act_param, saved_is_output)
+        return
+    (m, k), n = x.shape, weight.shape[0]
+    has_act = act_code != NONE
+    grad_pre = torch.empty((m, n), dtype=_F32) if has_act else None
+    gs, xs, ws = grad_out.stride(), x.stride(), weight.stride()
+    _native().linear_backward(
+        grad_out.data_ptr(), gs[0], gs[1], saved.data_ptr() if has_act else 0,
+        grad_pre.data_ptr() if has_act else 0, x.data_ptr(), xs[0], xs[1],
+        weight.data_ptr(), ws[0], ws[1], 0 if grad_x is None else grad_x.data_ptr(),
+        0 if grad_w is None else grad_w.data_ptr(), 0 if grad_bias is None else grad_bias.data_ptr(),
+        m, n, k, act_code, act_param,
+        _get_num_threads() if num_threads is None else max(1, num_threads), isa or "",
+    )
+
+
+def check_linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code,
+                          act_param, saved_is_output) -> None:
+    """Raise a TypeError/ValueError if :func:`linear_backward` cannot run these arguments."""
+    if x.dtype is _F64:
+        return
+    has_act = act_code != NONE
+    if has_act:
+        _check_saved_flag("linear_backward", act_code, act_param, saved_is_output)
+    for t in (grad_out, x, weight, saved if has_act else None, grad_x, grad_w, grad_bias):
+        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
+            raise TypeError(f"native linear_backward: float32 CPU tensors only, got {t.dtype} "
+                            f"on {t.device}")
+    try:
+        (m, n), (m_x, k), (n_w, k_w) = grad_out.shape, x.shape, weight.shape
+        ok = (m_x == m and n_w == n and k_w == k
+              and (not has_act or (saved.shape == (m, n) and saved.is_contiguous()))
+              and _fits(grad_x, (m, k)) and _fits(grad_w, (n, k)) and _fits(grad_bias, (n,)))
+    except ValueError:  # not 2-D
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"native linear_backward: grad_out {tuple(grad_out.shape)}, x {tuple(x.shape)}, "
+            f"weight {tuple(weight.shape)}, saved {None if saved is None else tuple(saved.shape)} "
+            "must be (M, N), (M, K), (N, K), (M, N) with saved contiguous, and grad_x, grad_w, "
+            "grad_bias contiguous (M, K), (N, K), (N,)")
+
+
+def _fits(t, shape) -> bool:
+    """An output the kernels can write: None, or a contiguous tensor of ``shape``."""
+    return t is None or (t.shape == shape and t.is_contiguous())
+
+
+def _check_saved_flag(kernel, act_code, act_param, saved_is_output) -> None:
+    """The C++ side takes the formula from the code alone (leaky_relu's is the same from either
+    tensor); the flag is the caller's claim about which tensor it saved, checked here."""
+    saves_output = _saves_output(int(act_code), float(act_param))
+    if saves_output != bool(saved_is_output):
+        raise ValueError(f"native {kernel}: activation {act_code} ({act_param}) saves the "
+                         f"{'output' if saves_output else 'pre-activation'}, but "
+                         f"saved_is_output={saved_is_output}")
