@@ -97,6 +97,11 @@ struct IsaKernels {
   // floats, b_pack kc * nc floats, both 64-byte aligned.
   void (*gemm_block)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                      float* a_pack, float* b_pack);
+  // Rows [m0, m1) of C, all columns, as dot products read straight from A and B: for C
+  // narrower than nr when A's rows and B's columns are contiguous in k (a_stride_k ==
+  // b_stride_k == 1). Rows are best split in multiples of dot_rows.
+  void (*gemm_dot_rows)(const GemmArgs& g, int64_t m0, int64_t m1);
+  int dot_rows;
   // Rows [r0, r1) of the activation backward; when sums is not null, also adds each column of
   // grad_pre (grad_out for kNone) to sums[j] (n doubles).
   void (*activation_backward_rows)(const ActBackwardArgs& g, int64_t r0, int64_t r1,

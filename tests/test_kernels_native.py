@@ -120,11 +120,35 @@ def test_a_read_in_place(isa):
     row-major and transposed: M past a cache block and ending in a partial row tile (packed),
     K past a k block, on 1 and 2 threads."""
     runs_here(isa)
-    m, k, n = 157, 300, 10
+    m, k, n = 157, 300, 21  # wider than the dot-product path takes (test_narrow_outputs)
     for a in (torch.randn(m, k), torch.randn(k, m).t()):
         for threads in (1, 2):
             check(a, torch.randn(n, k).t(), torch.randn(n), A.RELU, isa=isa, num_threads=threads)
             check(a, torch.randn(k, 70), None, A.NONE, isa=isa, num_threads=threads, pre=False)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_narrow_outputs(isa):
+    """Few output columns, with A's rows and B's columns contiguous in k (nn.Linear's input and
+    weight): dot products straight from A and B (gemm.inc). Row and column counts around its
+    4 x 3 tile, k around the vector width (the lane sums, and the k tail summed apart), every
+    activation with and without bias and pre, 1 and 2 threads, and a row-sliced out."""
+    runs_here(isa)
+    for m, k, n in [(1, 1, 1), (4, 8, 3), (5, 9, 2), (13, 7, 5), (64, 128, 10), (3, 300, 1),
+                    (70, 33, 20), (9, 0, 4), (600, 64, 7)]:
+        a, w = torch.randn(m, k), torch.randn(n, k)
+        for code, param in ACTIVATIONS:
+            check(a, w.t(), torch.randn(n), code, param, isa=isa)
+        check(a, w.t(), None, A.GELU, isa=isa, pre=False, num_threads=2)
+        bias = torch.randn(n)
+        one = check(a, w.t(), bias, A.NONE, isa=isa, num_threads=1)
+        _, two = run(a, w.t(), bias, A.NONE, isa=isa, num_threads=2)
+        assert torch.equal(one, two), f"2 threads differ from 1 at {(m, k, n)}"
+    a, w, bias = torch.randn(11, 40), torch.randn(3, 40), torch.randn(3)
+    out_buffer = poisoned(11, 8)
+    native.linear_forward(a, w, bias, out_buffer[:, 2:5], None, A.SIGMOID, 0.0, isa=isa)
+    assert_close(out_buffer[:, 2:5], reference(a, w.t(), bias, A.SIGMOID, 0.0)[1])
+    assert out_buffer[:, :2].isnan().all() and out_buffer[:, 5:].isnan().all()
 
 
 @pytest.mark.parametrize("isa", ISAS)
