@@ -4,6 +4,8 @@ Oracle: torch in float64 (DESIGN.md section 4). Triton runs through its interpre
 so it gets the smaller shapes.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -240,12 +242,38 @@ def test_linear_under_autocast_follows_f_linear():
     assert_close(out, ref.double(), torch.bfloat16)
 
 
-def test_functorch_transforms_get_autograd_functions_own_error():
-    """linear() calls the C++ Function.apply directly, but not under a functorch transform:
-    there Function.apply's own check runs and names what is missing."""
-    layer = brainkern.nn.Linear(3, 2)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda x: layer(x).sum())(torch.randn(4, 3))
+def test_torch_func_transforms_match_torch_nn():
+    """Inside torch.func transforms the kernels cannot run (transformed tensors have no data
+    pointers), so brainkern layers compute with torch's ops there: grad, per-sample gradients
+    (vmap over grad) and jacrev give what the same torch.nn model gives, frozen layers and
+    inputs with extra leading dimensions included."""
+    torch_model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    ours = brainkern.accelerate(copy.deepcopy(torch_model))
+    assert isinstance(ours[0], brainkern.nn.Linear)
+    x, target = torch.randn(6, 5), torch.randn(6, 3)
+
+    def loss_of(model):
+        def loss(params, x, target):
+            return (torch.func.functional_call(model, params, (x,)) - target).pow(2).sum()
+        return loss
+
+    for transform in (
+        lambda model, params: torch.func.grad(loss_of(model))(params, x, target),
+        lambda model, params: torch.func.vmap(torch.func.grad(loss_of(model)),
+                                              in_dims=(None, 0, 0))(params, x, target),
+        lambda model, params: torch.func.jacrev(loss_of(model))(params, x, target),
+    ):
+        results = []
+        for model in (ours, torch_model):
+            params = {name: p.detach() for name, p in model.named_parameters()}
+            results.append(transform(model, params))
+        for name in results[1]:
+            assert_close(results[0][name], results[1][name].double(), torch.float32, what=name)
+    ours.requires_grad_(False)
+    torch_model.requires_grad_(False)
+    batched = torch.randn(2, 6, 5)
+    assert_close(torch.func.vmap(ours)(batched), torch.func.vmap(torch_model)(batched).double(),
+                 torch.float32)
 
 
 def test_linear_on_a_tensor_that_escaped_a_transform():
@@ -260,6 +288,8 @@ def test_linear_on_a_tensor_that_escaped_a_transform():
     assert_close(out, ref.double(), torch.float32)
     out.sum().backward()
     assert w.grad is not None
+    with torch.no_grad():  # the inference path unwraps too
+        assert_close(BF.linear(escaped[0], w, None, "tanh"), ref.double(), torch.float32)
 
 
 def test_linear_under_torch_compile():

@@ -1,7 +1,12 @@
 """Kernels, one module per backend and op family, all offering the same plain functions.
 
 They know nothing of autograd, modules or argument checking: the ops layer (brainkern/ops/)
-validates, allocates outputs and calls them. Every backend's linear-family module offers:
+validates, allocates outputs and calls them, and they trust what it passes. The native core sees
+only addresses, so a broken contract there reads or writes out of bounds: brainkern.kernels.native
+has a ``check_<kernel>`` function per kernel that names what is wrong with arguments it cannot
+run, and the test suite runs it before every native call (tests/conftest.py).
+
+Every backend's linear-family module offers:
 
 ``linear_forward(a, weight, bias, out, pre, act_code, act_param) -> None``
     a:      (M, K) tensor, any strides (transposed and sliced views included).

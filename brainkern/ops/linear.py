@@ -71,39 +71,64 @@ class FusedLinear(torch.autograd.Function):
         exact for every activation, gelu's and silu's pre-activation included."""
         x, weight, bias, _ = ctx.saved_tensors
         inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad) if need]
-        z = torch.nn.functional.linear(x, weight, bias)
-        y = z if ctx.act is None else ctx.act.forward(z)
+        y = _with_torch_ops(x, weight, bias, ctx.act)
         grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True))
         return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None)
 
 
+def _with_torch_ops(x, weight, bias, act):
+    """The layer in torch's own ops: what runs under torch.func transforms (below)."""
+    z = torch.nn.functional.linear(x, weight, bias)
+    return z if act is None else act.forward(z)
+
+
 def _c_apply():
-    """FusedLinear.apply without its Python wrapper, or None where this torch lacks the pieces.
+    """FusedLinear's C++ apply, or None where this torch lacks it.
 
     Function.apply is a Python classmethod over the C++ one: it checks for setup_context and
     functorch transforms and unwraps dead functorch wrappers, ~3 us per call standalone and
-    ~10 in a training step (measured; a small layer's whole GEMM is a few us). linear() calls
-    the C++ apply directly when no functorch transform is active and torch.compile is not
-    tracing, after unwrapping dead wrappers itself, which is what the wrapper would do.
+    ~10 in a training step (measured; a small layer's whole GEMM is a few us). linear() does
+    what of that applies (_run) and calls the C++ apply; under torch.compile the classmethod
+    runs, as dynamo expects of an autograd.Function.
     """
     try:
         apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedLinear)
-        transforms_active = torch._C._are_functorch_transforms_active
-        unwrap_if_dead = torch._C._functorch.unwrap_if_dead
         is_compiling = torch.compiler.is_compiling
     except AttributeError:
         return None
 
-    def fast_apply(x, weight, bias, act, kern):
-        if transforms_active() or is_compiling():
+    def c_apply(x, weight, bias, act, kern):
+        if is_compiling():
             return FusedLinear.apply(x, weight, bias, act, kern)
-        return apply(unwrap_if_dead(x), unwrap_if_dead(weight),
-                     None if bias is None else unwrap_if_dead(bias), act, kern)
+        return apply(x, weight, bias, act, kern)
 
-    return fast_apply
+    return c_apply
 
 
 _apply = _c_apply() or FusedLinear.apply
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", lambda t: t)
+
+
+def _run(kern, x, weight, bias, act):
+    """The 2-D layer: through FusedLinear when a gradient is wanted, else the bare kernel.
+
+    Under a torch.func transform (grad, vmap, jacrev, ...) the kernels cannot run: they read
+    data pointers, which transformed tensors lack. There the layer is computed with torch's
+    ops, which every transform supports, so brainkern layers work inside torch.func as
+    torch.nn's do (at torch's speed). A tensor kept from inside a transform is a dead wrapper,
+    with no storage: it is unwrapped, as Function.apply would do.
+    """
+    if _transforms_active():
+        return _with_torch_ops(x, weight, bias, act)
+    x, weight = _unwrap_if_dead(x), _unwrap_if_dead(weight)
+    if bias is not None:
+        bias = _unwrap_if_dead(bias)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _apply(x, weight, bias, act, kern)
+    return _forward(kern, x, weight, bias, act)[0]  # inference: no autograd bookkeeping
 
 
 def _empty_contiguous(t):
@@ -192,12 +217,7 @@ def linear(input, weight, bias=None, activation=None):
     x2d = input if input.ndim == 2 else input.reshape(math.prod(input.shape[:-1]), k)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    if torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        out = _apply(x2d, weight, bias, act, kern)
-    else:  # inference: skip autograd's bookkeeping, nothing will be saved
-        out = _forward(kern, x2d, weight, bias, act)[0]
+    out = _run(kern, x2d, weight, bias, act)
     return out if input.ndim == 2 else out.reshape(*input.shape[:-1], n)
 
 
