@@ -77,3 +77,29 @@ def test_kernels_leave_torch_thread_count_alone(backend):
     with brainkern.use_backend(backend):
         BF.linear(torch.randn(64, 64), torch.randn(32, 64), activation="relu").sum()
     assert torch.get_num_threads() == before
+
+
+def test_choice_follows_each_call(monkeypatch):
+    """The ops memoise the kernels chosen (backends.kernels_for), but each call still follows
+    use_backend and BRAINKERN_BACKEND as they are at that moment."""
+    from brainkern.kernels import reference
+    from brainkern.kernels.numba import linear as numba_linear
+
+    ran = []
+    for name, module in (("numba", numba_linear), ("torch", reference)):
+        original = module.linear_forward
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            ran.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "linear_forward", spy)
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    BF.linear(x, w)  # the default (native) is memoised
+    with brainkern.use_backend("numba"):
+        BF.linear(x, w)
+    monkeypatch.setenv("BRAINKERN_BACKEND", "torch")
+    BF.linear(x, w)
+    monkeypatch.delenv("BRAINKERN_BACKEND")
+    BF.linear(x, w)
+    assert ran == ["numba", "torch"]
