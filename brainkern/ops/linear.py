@@ -82,53 +82,43 @@ def _with_torch_ops(x, weight, bias, act):
     return z if act is None else act.forward(z)
 
 
-def _c_apply():
-    """FusedLinear's C++ apply, or None where this torch lacks it.
-
-    Function.apply is a Python classmethod over the C++ one: it checks for setup_context and
-    functorch transforms and unwraps dead functorch wrappers, ~3 us per call standalone and
-    ~10 in a training step (measured; a small layer's whole GEMM is a few us). linear() does
-    what of that applies (_run) and calls the C++ apply; under torch.compile the classmethod
-    runs, as dynamo expects of an autograd.Function.
-    """
-    try:
-        apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedLinear)
-        is_compiling = torch.compiler.is_compiling
-    except AttributeError:
-        return None
-
-    def c_apply(x, weight, bias, act, kern):
-        if is_compiling():
-            return FusedLinear.apply(x, weight, bias, act, kern)
-        return apply(x, weight, bias, act, kern)
-
-    return c_apply
-
-
-_apply = _c_apply() or FusedLinear.apply
+# FusedLinear's C++ apply. Function.apply is a Python classmethod over it that checks for
+# setup_context and functorch transforms and unwraps dead functorch wrappers: ~3 us per call
+# standalone and ~10 in a training step (measured; a small layer's whole GEMM is a few us).
+# linear() does what of that applies itself (below) and calls the C++ apply; under
+# torch.compile the classmethod runs, as dynamo expects of an autograd.Function.
+try:
+    _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedLinear)
+except (AttributeError, KeyError):
+    _c_apply = FusedLinear.apply
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_kernels_for = backends.kernels_for
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", lambda t: t)
 
 
 def _run(kern, x, weight, bias, act):
-    """The 2-D layer: through FusedLinear when a gradient is wanted, else the bare kernel.
-
-    Under a torch.func transform (grad, vmap, jacrev, ...) the kernels cannot run: they read
-    data pointers, which transformed tensors lack. There the layer is computed with torch's
-    ops, which every transform supports, so brainkern layers work inside torch.func as
-    torch.nn's do (at torch's speed). A tensor kept from inside a transform is a dead wrapper,
-    with no storage: it is unwrapped, as Function.apply would do.
-    """
-    if _transforms_active():
-        return _with_torch_ops(x, weight, bias, act)
-    x, weight = _unwrap_if_dead(x), _unwrap_if_dead(weight)
-    if bias is not None:
-        bias = _unwrap_if_dead(bias)
-    if torch.is_grad_enabled() and (
+    """The 2-D layer: through FusedLinear when a gradient is wanted, else the bare kernel."""
+    if _grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return _apply(x, weight, bias, act, kern)
+        if _is_compiling():
+            return FusedLinear.apply(x, weight, bias, act, kern)
+        return _c_apply(x, weight, bias, act, kern)
     return _forward(kern, x, weight, bias, act)[0]  # inference: no autograd bookkeeping
+
+
+def _unwrap_dead(*tensors):
+    """``tensors`` with dead functorch wrappers unwrapped, or None if none was one.
+
+    A tensor kept from inside a torch.func transform is a dead wrapper without storage: the
+    kernels' data_ptr() fails on it (before any kernel runs). Function.apply would unwrap it;
+    linear() does so only after that failure, which keeps three calls per layer off the
+    common path.
+    """
+    unwrapped = tuple(None if t is None else _unwrap_if_dead(t) for t in tensors)
+    return None if all(u is t for u, t in zip(unwrapped, tensors)) else unwrapped
 
 
 def _empty_contiguous(t):
@@ -198,10 +188,10 @@ def linear(input, weight, bias=None, activation=None):
         input, weight, bias = _autocast(input, weight, bias)
     Tensor = torch.Tensor
     try:
-        dtype, device, (n, k) = input.dtype, input.device, weight.shape
+        dtype, device, (n, k), ndim = input.dtype, input.device, weight.shape, input.ndim
         valid = (
             isinstance(input, Tensor) and isinstance(weight, Tensor) and input.is_floating_point()
-            and weight.dtype is dtype and input.ndim > 0 and input.shape[-1] == k
+            and weight.dtype is dtype and ndim > 0 and input.shape[-1] == k
             and weight.device == device
             and (bias is None or (isinstance(bias, Tensor) and bias.dtype is dtype
                                   and bias.shape == (n,) and bias.device == device))
@@ -210,15 +200,28 @@ def linear(input, weight, bias=None, activation=None):
         valid = False
     if not valid:
         _check_linear(input, weight, bias)  # raises, naming the argument
-        dtype, device, (n, k) = input.dtype, input.device, weight.shape
+        dtype, device, (n, k), ndim = input.dtype, input.device, weight.shape, input.ndim
     act = activation if activation is None or type(activation) is Activation else (
         activations.resolve(activation))
-    kern = backends.kernels_for("linear", device, dtype)
-    x2d = input if input.ndim == 2 else input.reshape(math.prod(input.shape[:-1]), k)
+    kern = _kernels_for("linear", device, dtype)
+    x = input if ndim == 2 else input.reshape(math.prod(input.shape[:-1]), k)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    out = _run(kern, x2d, weight, bias, act)
-    return out if input.ndim == 2 else out.reshape(*input.shape[:-1], n)
+    if _transforms_active():
+        # Under a torch.func transform (grad, vmap, jacrev, ...) the kernels cannot run: they
+        # read data pointers, which transformed tensors lack. torch's ops, which every transform
+        # supports, compute the layer there, so brainkern layers work inside torch.func as
+        # torch.nn's do (at torch's speed).
+        out = _with_torch_ops(x, weight, bias, act)
+    else:
+        try:
+            out = _run(kern, x, weight, bias, act)
+        except RuntimeError:
+            unwrapped = _unwrap_dead(x, weight, bias)
+            if unwrapped is None:
+                raise
+            out = _run(kern, *unwrapped, act)
+    return out if ndim == 2 else out.reshape(*input.shape[:-1], n)
 
 
 def matmul(a, b):
