@@ -116,10 +116,7 @@ def check_linear_forward(a, weight, bias, out, pre, act_code, act_param) -> None
     """
     if a.dtype is _F64:
         return  # the Numba kernels, which index tensors as arrays
-    for t in (a, weight, bias, out, pre):
-        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
-            raise TypeError(f"native linear_forward: float32 CPU tensors only, got {t.dtype} "
-                            f"on {t.device}")
+    _check_float32_cpu("linear_forward", a, weight, bias, out, pre)
     if a.dim() != 2 or weight.dim() != 2 or a.shape[1] != weight.shape[1]:
         raise ValueError(f"native linear_forward: a {tuple(a.shape)} @ weight^T for weight "
                          f"{tuple(weight.shape)}: both must be 2-D with the same last dimension")
@@ -165,10 +162,7 @@ def check_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, ac
     if grad_pre.dtype is _F64:
         return
     _check_saved_flag("activation_backward", act_code, act_param, saved_is_output)
-    for t in (grad_out, saved, grad_pre, grad_bias):
-        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
-            raise TypeError(f"native activation_backward: float32 CPU tensors only, got "
-                            f"{t.dtype} on {t.device}")
+    _check_float32_cpu("activation_backward", grad_out, saved, grad_pre, grad_bias)
     shape = grad_pre.shape
     if (len(shape) != 2 or grad_out.shape != shape or saved.shape != shape
             or not saved.is_contiguous() or not grad_pre.is_contiguous()):
@@ -222,10 +216,8 @@ def check_linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias,
     has_act = act_code != NONE
     if has_act:
         _check_saved_flag("linear_backward", act_code, act_param, saved_is_output)
-    for t in (grad_out, x, weight, saved if has_act else None, grad_x, grad_w, grad_bias):
-        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
-            raise TypeError(f"native linear_backward: float32 CPU tensors only, got {t.dtype} "
-                            f"on {t.device}")
+    _check_float32_cpu("linear_backward", grad_out, x, weight, saved if has_act else None,
+                       grad_x, grad_w, grad_bias)
     try:
         (m, n), (m_x, k), (n_w, k_w) = grad_out.shape, x.shape, weight.shape
         ok = (m_x == m and n_w == n and k_w == k
@@ -244,6 +236,14 @@ def check_linear_backward(grad_out, x, weight, saved, grad_x, grad_w, grad_bias,
 def _fits(t, shape) -> bool:
     """An output the kernels can write: None, or a contiguous tensor of ``shape``."""
     return t is None or (t.shape == shape and t.is_contiguous())
+
+
+def _check_float32_cpu(kernel, *tensors) -> None:
+    """The C++ core reads float32 in this process's memory: every tensor given (None skipped)."""
+    for t in tensors:
+        if t is not None and (t.dtype is not _F32 or not t.is_cpu):
+            raise TypeError(f"native {kernel}: float32 CPU tensors only, got {t.dtype} on "
+                            f"{t.device}")
 
 
 def _check_saved_flag(kernel, act_code, act_param, saved_is_output) -> None:
