@@ -31,19 +31,16 @@ ENV_VAR = "BRAINKERN_BACKEND"
 @dataclass(frozen=True)
 class Backend:
     name: str
-    devices: tuple[str, ...]
-    dtypes: tuple[torch.dtype, ...]
-    package: str  # kernels are found at f"{package}.{family}" or, for a flat module, package
+    package: str  # one module per op family: f"{package}.{family}"
+    # Which devices and dtypes it serves is declared per op family, beside the kernels: each
+    # family module has DEVICES and DTYPES (native's GEMM is float32/64, its pooling need not be).
 
-
-_FLOATS = (torch.float32, torch.float64)
-_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 BACKENDS = {
-    "triton": Backend("triton", ("cuda", "cpu"), _ALL_FLOATS, "brainkern.kernels.triton"),
-    "native": Backend("native", ("cpu",), _FLOATS, "brainkern.kernels.native"),
-    "numba": Backend("numba", ("cpu",), _FLOATS, "brainkern.kernels.numba"),
-    "torch": Backend("torch", ("cpu", "cuda"), _ALL_FLOATS, "brainkern.kernels.reference"),
+    "triton": Backend("triton", "brainkern.kernels.triton"),
+    "native": Backend("native", "brainkern.kernels.native"),
+    "numba": Backend("numba", "brainkern.kernels.numba"),
+    "torch": Backend("torch", "brainkern.kernels.reference"),
 }
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -127,46 +124,50 @@ def requested_backend() -> str | None:
     return _check_name(env, ENV_VAR) if env else None
 
 
-def _serves(backend: Backend, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot serve tensors of this device and dtype, or None if it can."""
-    if device.type not in backend.devices:
-        return f"it runs on {'/'.join(backend.devices)} tensors, not {device.type}"
-    if backend.name == "triton" and device.type == "cpu" and not triton_interpreting():
+def _serves(name: str, family: str, device_type: str, dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` cannot run ``family`` on tensors of this device and dtype, or None."""
+    why = _unavailable_reason(name)
+    if why is not None:
+        return why
+    if name == "triton" and device_type == "cpu" and not triton_interpreting():
         return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before import)"
-    if dtype not in backend.dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in backend.dtypes)
-        return f"it supports dtypes {names}, not {str(dtype).removeprefix('torch.')}"
-    return _unavailable_reason(backend.name)
+    module = kernels(name, family)
+    if device_type not in module.DEVICES:
+        return f"its {family} kernels run on {'/'.join(module.DEVICES)} tensors, not {device_type}"
+    if dtype not in module.DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in module.DTYPES)
+        return (f"its {family} kernels support dtypes {names}, "
+                f"not {str(dtype).removeprefix('torch.')}")
+    return None
 
 
-def select(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs an op on tensors of ``device`` and ``dtype``."""
+def select(family: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs an op of ``family`` on tensors of ``device`` and ``dtype``."""
     name = requested_backend()
     if name is not None:
-        why = _serves(BACKENDS[name], device, dtype)
+        why = _serves(name, family, device.type, dtype)
         if why is not None:
-            raise RuntimeError(f"backend {name!r} cannot run this op: {why}")
+            raise RuntimeError(f"backend {name!r} cannot run this {family} op: {why}")
         return name
-    return _default_backend(device.type, dtype)
+    return _default_backend(family, device.type, dtype)
 
 
 @functools.cache
-def _default_backend(device_type: str, dtype: torch.dtype) -> str:
-    """The fastest backend serving (device_type, dtype); cached, as what is built cannot change."""
+def _default_backend(family: str, device_type: str, dtype: torch.dtype) -> str:
+    """The fastest backend serving (family, device_type, dtype); cached, as what is built
+    cannot change."""
     order = ("triton", "torch") if device_type == "cuda" else ("native", "numba", "torch")
     for candidate in order:
-        if _serves(BACKENDS[candidate], torch.device(device_type), dtype) is None:
+        if _serves(candidate, family, device_type, dtype) is None:
             return candidate
-    raise RuntimeError(f"no brainkern backend serves {device_type} tensors of dtype {dtype}")
+    raise RuntimeError(f"no brainkern backend serves {family} on {device_type} tensors of "
+                       f"dtype {dtype}")
 
 
 @functools.cache
 def kernels(name: str, family: str):
     """The kernel module of backend ``name`` for an op ``family`` ("linear", "conv", "pool")."""
-    package = BACKENDS[name].package
-    if name in ("native", "torch"):
-        return importlib.import_module(package)
-    return importlib.import_module(f"{package}.{family}")
+    return importlib.import_module(f"{BACKENDS[name].package}.{family}")
 
 
 # (requested backend, device, dtype, family) -> kernel module, for kernels_for. Only
@@ -175,7 +176,7 @@ _selected: dict = {}
 
 
 def kernels_for(family: str, device: torch.device, dtype: torch.dtype):
-    """``kernels(select(device, dtype), family)``, memoised: it runs on every op call.
+    """``kernels(select(family, device, dtype), family)``, memoised: it runs on every op call.
 
     What decides the choice is the requested backend (use_backend or the environment, read live
     each call), the device and the dtype; the rest (what is built) cannot change while the
@@ -187,7 +188,7 @@ def kernels_for(family: str, device: torch.device, dtype: torch.dtype):
     key = (requested, device, dtype, family)
     kern = _selected.get(key)
     if kern is None:
-        kern = kernels(select(device, dtype), family)
+        kern = kernels(select(family, device, dtype), family)
         if requested != "triton":
             _selected[key] = kern
     return kern

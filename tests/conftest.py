@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from brainkern.kernels import native  # noqa: E402
+from brainkern.kernels.native import linear as native_linear  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -34,10 +34,10 @@ def _native_kernels_check_their_arguments(monkeypatch):
     it hands the kernels only arguments they can run.
     """
     for name in ("linear_forward", "activation_backward", "linear_backward"):
-        kernel, check = getattr(native, name), getattr(native, f"check_{name}")
+        kernel, check = getattr(native_linear, name), getattr(native_linear, f"check_{name}")
 
         def checked(*args, _kernel=kernel, _check=check, **kwargs):
             _check(*args)
             return _kernel(*args, **kwargs)
 
-        monkeypatch.setattr(native, name, checked)
+        monkeypatch.setattr(native_linear, name, checked)

@@ -17,30 +17,30 @@ def test_available_backends_names_what_runs_here():
 
 def test_default_cpu_backend_is_fastest_built():
     expected = "native" if "native" in brainkern.available_backends() else "numba"
-    assert backends.select(torch.device("cpu"), torch.float32) == expected
+    assert backends.select("linear", torch.device("cpu"), torch.float32) == expected
     # No CPU kernel serves the half types: the default falls back to torch's own ops.
-    assert backends.select(torch.device("cpu"), torch.bfloat16) == "torch"
+    assert backends.select("linear", torch.device("cpu"), torch.bfloat16) == "torch"
 
 
 def test_default_cuda_backend_is_triton():
-    assert backends.select(torch.device("cuda"), torch.float16) in ("triton", "torch")
+    assert backends.select("linear", torch.device("cuda"), torch.float16) in ("triton", "torch")
 
 
 def test_use_backend_nests_and_restores():
     assert backends.requested_backend() is None
     with brainkern.use_backend("numba"):
-        assert backends.select(torch.device("cpu"), torch.float32) == "numba"
+        assert backends.select("linear", torch.device("cpu"), torch.float32) == "numba"
         with brainkern.use_backend("torch"):
-            assert backends.select(torch.device("cpu"), torch.float32) == "torch"
+            assert backends.select("linear", torch.device("cpu"), torch.float32) == "torch"
         assert backends.requested_backend() == "numba"
     assert backends.requested_backend() is None
 
 
 def test_environment_variable(monkeypatch):
     monkeypatch.setenv("BRAINKERN_BACKEND", "torch")
-    assert backends.select(torch.device("cpu"), torch.float32) == "torch"
+    assert backends.select("linear", torch.device("cpu"), torch.float32) == "torch"
     with brainkern.use_backend("numba"):  # the context manager wins over the environment
-        assert backends.select(torch.device("cpu"), torch.float32) == "numba"
+        assert backends.select("linear", torch.device("cpu"), torch.float32) == "numba"
     monkeypatch.setenv("BRAINKERN_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="BRAINKERN_BACKEND: unknown backend 'cudnn'"):
         BF.linear(torch.randn(2, 3), torch.randn(4, 3))
@@ -55,7 +55,7 @@ def test_unknown_backend_name():
 def test_backend_that_cannot_serve_the_device_is_an_error():
     x = torch.randn(2, 3, device="meta")
     w = torch.randn(4, 3, device="meta")
-    with brainkern.use_backend("numba"), pytest.raises(RuntimeError, match="runs on cpu tensors, not meta"):
+    with brainkern.use_backend("numba"), pytest.raises(RuntimeError, match="run on cpu tensors, not meta"):
         BF.linear(x, w)
 
 
@@ -82,7 +82,7 @@ def test_kernels_leave_torch_thread_count_alone(backend):
 def test_choice_follows_each_call(monkeypatch):
     """The ops memoise the kernels chosen (backends.kernels_for), but each call still follows
     use_backend and BRAINKERN_BACKEND as they are at that moment."""
-    from brainkern.kernels import reference
+    from brainkern.kernels.reference import linear as reference
     from brainkern.kernels.numba import linear as numba_linear
 
     ran = []

@@ -1,4 +1,4 @@
-"""brainkern._native and its adapter, brainkern/kernels/native.py, at the kernel interface.
+"""brainkern._native and its adapter, brainkern/kernels/native/linear.py, at the kernel interface.
 
 Oracle: torch in float64 (DESIGN.md section 4), error as a relative norm (see
 assert_gemm_close for the norm). The float32 tolerance is helpers.TOLERANCE (1e-5) unscaled:
@@ -21,6 +21,7 @@ import torch
 
 from brainkern import activations as A
 from brainkern.kernels import native
+from brainkern.kernels.native import linear as native_linear
 from helpers import TOLERANCE, assert_close, matmul_magnitude, poisoned
 
 ISAS = ["avx512", "avx2", "portable"]
@@ -63,7 +64,7 @@ def run(a, b, bias, code=A.NONE, param=0.0, pre=True, **kwargs):
     m, n = a.shape[0], b.shape[1]
     out = poisoned(m, n)
     pre_out = poisoned(m, n) if pre else None
-    native.linear_forward(a, b.t(), bias, out, pre_out, code, param, **kwargs)
+    native_linear.linear_forward(a, b.t(), bias, out, pre_out, code, param, **kwargs)
     return pre_out, out
 
 
@@ -146,7 +147,7 @@ def test_narrow_outputs(isa):
         assert torch.equal(one, two), f"2 threads differ from 1 at {(m, k, n)}"
     a, w, bias = torch.randn(11, 40), torch.randn(3, 40), torch.randn(3)
     out_buffer = poisoned(11, 8)
-    native.linear_forward(a, w, bias, out_buffer[:, 2:5], None, A.SIGMOID, 0.0, isa=isa)
+    native_linear.linear_forward(a, w, bias, out_buffer[:, 2:5], None, A.SIGMOID, 0.0, isa=isa)
     assert_close(out_buffer[:, 2:5], reference(a, w.t(), bias, A.SIGMOID, 0.0)[1])
     assert out_buffer[:, :2].isnan().all() and out_buffer[:, 5:].isnan().all()
 
@@ -174,7 +175,7 @@ def test_row_sliced_outputs(isa):
     a, b, bias = torch.randn(19, 23), torch.randn(23, 21), torch.randn(21)
     out_buffer, pre_buffer = poisoned(19, 30), poisoned(19, 30)
     out, pre = out_buffer[:, 4:25], pre_buffer[:, 4:25]
-    native.linear_forward(a, b.t(), bias, out, pre, A.TANH, 0.0, isa=isa)
+    native_linear.linear_forward(a, b.t(), bias, out, pre, A.TANH, 0.0, isa=isa)
     ref_pre, ref_out = reference(a, b, bias, A.TANH, 0.0)
     assert_close(out, ref_out)
     assert_close(pre, ref_pre)
@@ -225,7 +226,7 @@ def test_forked_child_gets_a_working_pool():
     if pid == 0:
         # Only brainkern's pool in the child: torch's own OpenMP pool (used by torch.full and
         # torch.equal in the parent) hangs a forked child, which is torch's matter, not ours.
-        native.linear_forward(a, b.t(), None, out, None, A.NONE, 0.0, num_threads=2)
+        native_linear.linear_forward(a, b.t(), None, out, None, A.NONE, 0.0, num_threads=2)
         os._exit(0 if out.numpy().tobytes() == expected.numpy().tobytes() else 1)
     deadline = time.monotonic() + 60
     while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
@@ -285,7 +286,7 @@ def check_backward(grad, saved, code, param, with_bias=True, **kwargs):
     act = A.Activation("", code, param)
     m, n = saved.shape
     grad_pre, grad_bias = poisoned(m, n), poisoned(n) if with_bias else None
-    native.activation_backward(grad, saved, grad_pre, grad_bias, code, param, act.saves_output,
+    native_linear.activation_backward(grad, saved, grad_pre, grad_bias, code, param, act.saves_output,
                                **kwargs)
     ref = grad.double() * act.derivative(saved.double())
     assert_close(grad_pre, ref, torch.float32, what=f"grad_pre (activation {code}, {param})")
@@ -352,7 +353,7 @@ def test_activation_backward_values(isa, code, param):
 
 
 def test_activation_backward_bad_arguments():
-    lib = built()._native()
+    lib = built().core()
     x = torch.randn(4, 4)
     p = x.data_ptr()
     good = dict(grad_out=p, grad_out_stride_m=4, grad_out_stride_n=1, saved=p, grad_pre=p,
@@ -363,20 +364,20 @@ def test_activation_backward_bad_arguments():
             lib.activation_backward(**{**good, **bad})
     grad_pre = torch.empty(4, 4)
     with pytest.raises(ValueError, match="saved_is_output"):
-        native.check_activation_backward(x, x, grad_pre, None, A.GELU, 0.0, True)
+        native_linear.check_activation_backward(x, x, grad_pre, None, A.GELU, 0.0, True)
     with pytest.raises(ValueError, match="contiguous"):
-        native.check_activation_backward(x, x.t(), grad_pre, None, A.RELU, 0.0, True)
+        native_linear.check_activation_backward(x, x.t(), grad_pre, None, A.RELU, 0.0, True)
     with pytest.raises(ValueError, match="grad_bias"):
-        native.check_activation_backward(x, x, grad_pre, torch.empty(5), A.RELU, 0.0, True)
+        native_linear.check_activation_backward(x, x, grad_pre, torch.empty(5), A.RELU, 0.0, True)
     with pytest.raises(TypeError):
-        native.check_activation_backward(x.half(), x, grad_pre, None, A.RELU, 0.0, True)
+        native_linear.check_activation_backward(x.half(), x, grad_pre, None, A.RELU, 0.0, True)
 
 
 def test_bad_arguments_raise_instead_of_crashing():
     """The C++ core rejects bad sizes, strides, codes and null addresses itself; what it cannot
     see (dtypes, shapes, output strides) check_linear_forward names. The kernels trust their
     callers, so conftest runs the checks before every native call in the whole suite."""
-    lib = built()._native()
+    lib = built().core()
     a = torch.randn(4, 4)
     p = a.data_ptr()
     good = dict(a=p, a_stride_m=4, a_stride_k=1, b=p, b_stride_k=4, b_stride_n=1, bias=0,
@@ -387,15 +388,15 @@ def test_bad_arguments_raise_instead_of_crashing():
         with pytest.raises(ValueError):
             lib.matmul_forward(**{**good, **bad})
     with pytest.raises(ValueError, match="unit column stride"):
-        native.check_linear_forward(a, a, None, a.t(), None, A.NONE, 0.0)
+        native_linear.check_linear_forward(a, a, None, a.t(), None, A.NONE, 0.0)
     with pytest.raises(ValueError, match="bias"):
-        native.check_linear_forward(a, a, torch.randn(5), torch.empty(4, 4), None, A.NONE, 0.0)
+        native_linear.check_linear_forward(a, a, torch.randn(5), torch.empty(4, 4), None, A.NONE, 0.0)
     with pytest.raises(TypeError):
-        native.check_linear_forward(a.half(), a.half(), None, a.half(), None, A.NONE, 0.0)
+        native_linear.check_linear_forward(a.half(), a.half(), None, a.half(), None, A.NONE, 0.0)
 
 
 def check_linear_backward(x, w, grad, code, param, wants=(True, True, True), **kwargs):
-    """native.linear_backward on NaN-poisoned outputs against float64 autograd of the layer."""
+    """native_linear.linear_backward on NaN-poisoned outputs against float64 autograd of the layer."""
     act = A.Activation("", code, param)
     m, k = x.shape
     n = w.shape[0]
@@ -406,7 +407,7 @@ def check_linear_backward(x, w, grad, code, param, wants=(True, True, True), **k
     grad_x = poisoned(m, k) if wants[0] else None
     grad_w = poisoned(n, k) if wants[1] else None
     grad_b = poisoned(n) if wants[2] else None
-    native.linear_backward(grad, x, w, saved, grad_x, grad_w, grad_b, code, param,
+    native_linear.linear_backward(grad, x, w, saved, grad_x, grad_w, grad_b, code, param,
                            act.saves_output, **kwargs)
     # The float64 oracle starts from the float32 saved tensor the kernel saw.
     dz = grad.double() * act.derivative(saved.double()) if code else grad.double()
@@ -458,7 +459,7 @@ def test_linear_backward_partial_and_empty(isa):
 
 
 def test_linear_backward_bad_arguments():
-    lib = built()._native()
+    lib = built().core()
     x = torch.randn(4, 4)
     p = x.data_ptr()
     good = dict(grad_out=p, grad_out_stride_m=4, grad_out_stride_n=1, saved=p, grad_pre=p, x=p,
@@ -471,14 +472,14 @@ def test_linear_backward_bad_arguments():
             lib.linear_backward(**{**good, **bad})
     out = torch.empty(4, 4)
     with pytest.raises(ValueError, match="saved_is_output"):
-        native.check_linear_backward(x, x, x, x, out, None, None, A.GELU, 0.0, True)
+        native_linear.check_linear_backward(x, x, x, x, out, None, None, A.GELU, 0.0, True)
     with pytest.raises(ValueError, match="contiguous"):
-        native.check_linear_backward(x, x, x, x, out.t(), None, None, A.RELU, 0.0, True)
+        native_linear.check_linear_backward(x, x, x, x, out.t(), None, None, A.RELU, 0.0, True)
     with pytest.raises(ValueError, match=r"\(M, K\)"):
-        native.check_linear_backward(x, x, torch.randn(4, 5), x, None, None, None, A.RELU, 0.0,
+        native_linear.check_linear_backward(x, x, torch.randn(4, 5), x, None, None, None, A.RELU, 0.0,
                                      True)
     with pytest.raises(TypeError):
-        native.check_linear_backward(x, x.half(), x, x, None, None, None, A.RELU, 0.0, True)
+        native_linear.check_linear_backward(x, x.half(), x, x, None, None, None, A.RELU, 0.0, True)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -494,7 +495,7 @@ def test_isa_override_from_the_environment():
     """
     script = f"""
 import importlib.util
-spec = importlib.util.spec_from_file_location("brainkern._native", {built()._native().__file__!r})
+spec = importlib.util.spec_from_file_location("brainkern._native", {built().core().__file__!r})
 try:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -520,10 +521,10 @@ def test_float64_goes_to_numba():
     a, b, bias = torch.randn(9, 21, dtype=torch.float64), torch.randn(21, 11,
                                                                      dtype=torch.float64), None
     out = poisoned(9, 11, dtype=torch.float64)
-    native.linear_forward(a, b.t(), bias, out, None, A.SIGMOID, 0.0)
+    native_linear.linear_forward(a, b.t(), bias, out, None, A.SIGMOID, 0.0)
     assert_close(out, torch.sigmoid(a @ b), tol=TOLERANCE[torch.float64])
     saved, grad = torch.sigmoid(a @ b), torch.randn(9, 11, dtype=torch.float64)
     grad_pre, grad_bias = poisoned(9, 11, dtype=torch.float64), poisoned(11, dtype=torch.float64)
-    native.activation_backward(grad, saved, grad_pre, grad_bias, A.SIGMOID, 0.0, True)
+    native_linear.activation_backward(grad, saved, grad_pre, grad_bias, A.SIGMOID, 0.0, True)
     assert_close(grad_pre, grad * saved * (1 - saved), tol=TOLERANCE[torch.float64])
     assert_close(grad_bias, grad_pre.sum(0), tol=TOLERANCE[torch.float64])

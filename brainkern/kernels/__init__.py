@@ -1,12 +1,24 @@
-"""Kernels, one module per backend and op family, all offering the same plain functions.
+"""Kernels: one package per backend, one module per op family in each, same plain functions.
 
-They know nothing of autograd, modules or argument checking: the ops layer (brainkern/ops/)
+Layout: ``brainkern/kernels/<backend>/<family>.py`` for backend in triton, numba, native,
+reference (the ``torch`` backend) and family in linear, conv, pool. Each family module declares
+what it serves, ``DEVICES`` (e.g. ``("cpu",)``) and ``DTYPES`` (a tuple of torch dtypes);
+brainkern.backends reads them to choose a backend, so adding an op family adds one module per
+backend and touches nothing in backends.py.
+
+Kernels know nothing of autograd, modules or argument checking: the ops layer (brainkern/ops/)
 validates, allocates outputs and calls them, and they trust what it passes. The native core sees
-only addresses, so a broken contract there reads or writes out of bounds: brainkern.kernels.native
-has a ``check_<kernel>`` function per kernel that names what is wrong with arguments it cannot
-run, and the test suite runs it before every native call (tests/conftest.py).
+only addresses, so a broken contract there reads or writes out of bounds: each native family
+module has a ``check_<kernel>`` function per kernel that names what is wrong with arguments it
+cannot run, and the test suite runs it before every native call (tests/conftest.py).
 
-Every backend's linear-family module offers:
+One argument convention everywhere: inputs first, then the outputs (allocated by the caller and
+passed in; a kernel writes every element of each), then the op's integer parameters, then the
+activation as ``(act_code, act_param)`` (brainkern.activations: NONE = 0, leaky_relu's slope as
+the param). Kernels validate nothing and raise nothing for arguments the ops layer has checked.
+
+Linear family (``linear``)
+--------------------------
 
 ``linear_forward(a, weight, bias, out, pre, act_code, act_param) -> None``
     a:      (M, K) tensor, any strides (transposed and sliced views included).
@@ -38,6 +50,81 @@ Optionally, a backend fuses the whole backward of ``out = act(x @ weight^T + bia
     an activation), ``grad_bias = dz.sum(0)``, ``grad_x = dz @ weight`` and ``grad_w = dz^T @ x``
     into the given contiguous outputs, each None when not wanted. A backend without it gets
     :func:`compose_linear_backward` over its two required kernels.
+
+Convolution family (``conv``)
+-----------------------------
+
+Shapes: x (N, C_in, H, W); weight (C_out, C_in / groups, kH, kW), as nn.Conv2d stores it;
+out (N, C_out, H_out, W_out). ``stride``, ``padding``, ``dilation`` are (h, w) pairs of ints;
+``padding`` is the zero padding before the first row and column: the padding after them is
+implied by the output's size (so the ops layer expresses "same" with an even kernel, whose
+padding is asymmetric, and nothing in a kernel changes). Non-zero padding modes (reflect,
+replicate, circular) are applied by the ops layer before the kernel, which then gets padding 0.
+
+Memory formats: a 4-D activation tensor (x, out, pre, grad_out, grad_x) is contiguous either
+as NCHW (``torch.contiguous_format``) or as NHWC (``torch.channels_last``); the ops layer passes
+x in one of the two and allocates the outputs in the same one, so a kernel reads the format from
+the strides. weight and grad_weight are contiguous (C_out, C_in / groups, kH, kW). Any of N,
+C_in, C_out, H_out, W_out may be 0 (batch 0: nothing is written but grad_weight, set to 0).
+
+``conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups, act_code,
+                 act_param) -> None``
+    ``z[n, co, oh, ow] = bias[co] + sum over ci of group g = co // (C_out / groups), kh, kw of
+    x[n, g * C_in/groups + ci, oh * sh - ph + kh * dh, ow * sw - pw + kw * dw] * weight[co, ci,
+    kh, kw]`` with x read as 0 outside its bounds; ``out = act(z)``, ``pre = z`` when given.
+    bias: (C_out,) contiguous or None.
+
+``conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
+                           act_code, act_param) -> None``
+    The adjoint of conv2d_forward's linear part, with the same epilogue: x here has the shape
+    of a convolution's output (N, C_x, H, W), weight (C_x, C_out / groups, kH, kW) (as
+    nn.ConvTranspose2d stores it, which is conv2d's layout with C_x as conv2d's C_out), out
+    (N, C_out, H_out, W_out): every product ``x[n, c, h, w] * weight[c, co', kh, kw]`` adds to
+    ``z[n, g * C_out/groups + co', h * sh - ph + kh * dh, w * sw - pw + kw * dw]`` where that
+    lies inside out; then ``out = act(z + bias)``, ``pre = z + bias`` when given. conv2d's input
+    gradient is this kernel with bias None and act NONE (grad_x = conv_transpose2d(grad_pre,
+    weight)); nn.ConvTranspose2d's forward is it with its bias and activation.
+
+``conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, groups) -> None``
+    ``grad_weight[co, ci, kh, kw] = sum over n, oh, ow of grad_pre[n, co, oh, ow] *
+    x[n, g * C_in/groups + ci, oh * sh - ph + kh * dh, ow * sw - pw + kw * dw]``, accumulated
+    in at least float32. grad_pre has out's shape and format. (A transposed convolution's
+    weight gradient is this with the roles of its input and output gradient swapped.)
+
+``conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
+                             saved_is_output) -> None``
+    The 4-D twin of activation_backward, channel dimension 1: grad_out (N, C, H, W) any
+    strides; saved and grad_pre in the format of the layer's output; ``grad_pre = grad_out *
+    act'(saved)``; grad_bias (C,) or None, written with ``grad_pre.sum((0, 2, 3))`` in the
+    same pass, reduced in at least float32, with the same result on any thread count.
+    act_code != NONE (without an activation the ops layer sums grad_out itself).
+
+Pooling family (``pool``)
+-------------------------
+
+x (N, C, H, W) and out (N, C, H_out, W_out) contiguous in the same format (NCHW or NHWC), as
+for conv; ``kernel_size``, ``stride``, ``padding``, ``dilation`` (h, w) pairs; the output's
+size (ceil_mode resolved by the ops layer) is out's shape.
+
+``max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation) -> None``
+    out = the maximum over each window's in-bounds taps, NaN winning as in torch (the first
+    NaN's tap); indices: int64 of out's shape and format or None, written with the winning
+    tap's flat index ``h * W + w`` in its (n, c) plane (torch's, usable by max_unpool2d); the
+    first maximum wins ties.
+``max_pool2d_backward(grad_out, indices, grad_x) -> None``
+    grad_x (x's shape, NCHW or NHWC) = the sum of grad_out over the taps that won, written
+    whole (zeros elsewhere), deterministically.
+``avg_pool2d_forward(x, out, kernel_size, stride, padding, count_include_pad, divisor) ->
+    None``
+    out = sum over the window's in-bounds taps / divisor when divisor > 0 (divisor_override),
+    else / the window's size clipped to the padded input (count_include_pad) or to the input.
+``avg_pool2d_backward(grad_out, grad_x, kernel_size, stride, padding, count_include_pad,
+                      divisor) -> None``
+    The adjoint: every tap of every window receives grad_out / that window's divisor.
+``adaptive_avg_pool2d`` runs on these two: the ops layer computes each output's window
+    (``start = floor(i * H / H_out)``, ``end = ceil((i + 1) * H / H_out)``) and, where those
+    are not one uniform stride, the pool kernels ``adaptive_avg_pool2d_forward(x, out)`` and
+    ``adaptive_avg_pool2d_backward(grad_out, grad_x)``.
 """
 
 import torch

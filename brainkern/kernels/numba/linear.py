@@ -55,6 +55,9 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
+DEVICES = ("cpu",)
+DTYPES = (torch.float32, torch.float64)
+
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 

@@ -1,12 +1,11 @@
-"""The ``torch`` backend: the kernel interface implemented with torch's own ops.
-
-It is the baseline the benchmarks compare against and the backend for dtypes and devices no
-hand-written kernel serves. Same functions and arguments as every other backend's kernels.
-"""
+"""The ``torch`` backend's linear family: the kernel interface in torch's own ops."""
 
 import torch
 
 from brainkern.activations import NONE, Activation
+
+DEVICES = ("cpu", "cuda")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _activation(act_code: int, act_param: float) -> Activation:
