@@ -12,7 +12,12 @@ import torch
 from brainkern import activations
 from brainkern import nn as bnn
 
-_TWINS = {torch.nn.Linear: bnn.Linear}
+_TWINS = {
+    torch.nn.Linear: bnn.Linear,
+    torch.nn.Conv2d: bnn.Conv2d,
+    torch.nn.ConvTranspose2d: bnn.ConvTranspose2d,
+}
+_FUSING = tuple(_TWINS.values())  # layers that can absorb a following activation
 
 
 def _swap(layer: torch.nn.Module) -> bool:
@@ -46,7 +51,7 @@ def accelerate(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, torch.nn.Sequential):
         children = list(model._modules.items())
         for (_, layer), (next_name, following) in zip(children, children[1:]):
-            if isinstance(layer, bnn.Linear) and layer.activation is None:
+            if isinstance(layer, _FUSING) and layer.activation is None:
                 act = _fusable(following)
                 if act is not None:
                     layer.activation = act

@@ -5,6 +5,7 @@
 nn.GELU(approximate="tanh") selects the tanh form).
 """
 
+from brainkern.ops.conv import conv2d, conv_transpose2d
 from brainkern.ops.linear import linear, matmul
 
-__all__ = ["linear", "matmul"]
+__all__ = ["conv2d", "conv_transpose2d", "linear", "matmul"]

@@ -11,6 +11,15 @@ import torch
 from brainkern import activations, functional
 
 
+def _activation_repr(activation) -> str:
+    if activation is None:
+        return ""
+    text = f", activation={activation.name}"
+    if activation.code == activations.LEAKY_RELU:
+        text += f"(negative_slope={activation.param})"
+    return text
+
+
 class Linear(torch.nn.Linear):
     """torch.nn.Linear computed by brainkern, with an optional fused activation."""
 
@@ -23,10 +32,58 @@ class Linear(torch.nn.Linear):
         return functional.linear(input, self.weight, self.bias, self.activation)
 
     def extra_repr(self):
-        act = "" if self.activation is None else f", activation={self.activation.name}"
-        if self.activation is not None and self.activation.code == activations.LEAKY_RELU:
-            act += f"(negative_slope={self.activation.param})"
-        return super().extra_repr() + act
+        return super().extra_repr() + _activation_repr(self.activation)
 
 
-__all__ = ["Linear"]
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d computed by brainkern, with an optional fused activation.
+
+    Non-zero padding modes (reflect, replicate, circular) pad with torch's F.pad first, as
+    torch.nn.Conv2d does, and the convolution then runs unpadded.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None,
+                 activation=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        self.activation = activations.resolve(activation)
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                            mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return functional.conv2d(input, weight, bias, self.stride, padding, self.dilation,
+                                 self.groups, self.activation)
+
+    def extra_repr(self):
+        return super().extra_repr() + _activation_repr(self.activation)
+
+
+class ConvTranspose2d(torch.nn.ConvTranspose2d):
+    """torch.nn.ConvTranspose2d computed by brainkern, with an optional fused activation."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                 device=None, dtype=None, activation=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         output_padding=output_padding, groups=groups, bias=bias,
+                         dilation=dilation, padding_mode=padding_mode, device=device, dtype=dtype)
+        self.activation = activations.resolve(activation)
+
+    def forward(self, input, output_size=None):
+        if self.padding_mode != "zeros":
+            raise ValueError("Only 'zeros' padding mode is supported for ConvTranspose2d")
+        return functional.conv_transpose2d(
+            input, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+            self.groups, self.dilation, self.activation, output_size=output_size)
+
+    def extra_repr(self):
+        return super().extra_repr() + _activation_repr(self.activation)
+
+
+__all__ = ["Conv2d", "ConvTranspose2d", "Linear"]

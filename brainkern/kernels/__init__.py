@@ -61,10 +61,12 @@ implied by the output's size (so the ops layer expresses "same" with an even ker
 padding is asymmetric, and nothing in a kernel changes). Non-zero padding modes (reflect,
 replicate, circular) are applied by the ops layer before the kernel, which then gets padding 0.
 
-Memory formats: a 4-D activation tensor (x, out, pre, grad_out, grad_x) is contiguous either
-as NCHW (``torch.contiguous_format``) or as NHWC (``torch.channels_last``); the ops layer passes
-x in one of the two and allocates the outputs in the same one, so a kernel reads the format from
-the strides. weight and grad_weight are contiguous (C_out, C_in / groups, kH, kW). Any of N,
+Memory formats: the 4-D activation tensors of one call (x, out, pre, grad_out, grad_x) are all
+dense in one common format, NCHW (``torch.contiguous_format``) or NHWC (``torch.channels_last``).
+A kernel reads them as NHWC when every one of them is contiguous in torch.channels_last, else
+as NCHW (then every one is contiguous). Decide it from all of them, not from one: a tensor with
+one channel or 1 x 1 planes is contiguous in both formats (the same bytes either way), so it
+alone cannot tell which format the others have. weight and grad_weight are contiguous (C_out, C_in / groups, kH, kW). Any of N,
 C_in, C_out, H_out, W_out may be 0 (batch 0: nothing is written but grad_weight, set to 0).
 
 ``conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups, act_code,
