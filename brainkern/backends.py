@@ -131,7 +131,12 @@ def _serves(name: str, family: str, device_type: str, dtype: torch.dtype) -> str
         return why
     if name == "triton" and device_type == "cpu" and not triton_interpreting():
         return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before import)"
-    module = kernels(name, family)
+    try:
+        module = kernels(name, family)
+    except ModuleNotFoundError as error:
+        if error.name != f"{BACKENDS[name].package}.{family}":
+            raise
+        return f"it has no {family} kernels"
     if device_type not in module.DEVICES:
         return f"its {family} kernels run on {'/'.join(module.DEVICES)} tensors, not {device_type}"
     if dtype not in module.DTYPES:
