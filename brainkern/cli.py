@@ -87,12 +87,17 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, backends built, native ISA, GPU")
     sub.add_parser("demo", help="the Linear layer against torch: correctness and speed")
     bench_parser = sub.add_parser("bench", help="benchmarks side by side with torch/vendor libraries")
-    bench_parser.add_argument("op", choices=["linear"])
+    bench_parser.add_argument("op", choices=["linear", "conv", "pool"])
     bench_parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048],
                               help="square GEMM sizes")
     bench_parser.add_argument("--batches", type=int, nargs="+", default=[64, 512],
                               help="batch sizes for the MLP's layers")
     bench_parser.add_argument("--threads", type=int, default=2)
+    bench_parser.add_argument("--groups", nargs="+", default=["cnn", "resnet", "dcgan", "models"],
+                              choices=["cnn", "resnet", "dcgan", "models"],
+                              help="conv: which layer groups to time")
+    bench_parser.add_argument("--compile", action="store_true",
+                              help="conv: also time torch.compile of each torch layer")
     bench_parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
 
@@ -101,10 +106,15 @@ def main(argv=None) -> int:
         return 0
     if args.command == "demo":
         return demo()
-    from brainkern import bench
+    from brainkern import bench, bench_conv
 
     command = "brainkern " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = bench.run_linear(tuple(args.sizes), tuple(args.batches), args.threads, command)
+    if args.op == "conv":
+        table = bench_conv.run_conv(args.threads, args.compile, command, tuple(args.groups))
+    elif args.op == "pool":
+        table = bench_conv.run_pool(args.threads, command)
+    else:
+        table = bench.run_linear(tuple(args.sizes), tuple(args.batches), args.threads, command)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
