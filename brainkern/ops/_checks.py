@@ -6,9 +6,12 @@ import torch
 
 
 def check_tensor(name: str, value, *, ndim: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``value`` must be a floating-point tensor (of one of the ranks ``ndim``)."""
+    """``value`` must be a dense floating-point tensor (of one of the ranks ``ndim``)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.layout is not torch.strided:
+        # Sparse (COO, CSR, ...) and mkldnn tensors have no strided storage for a kernel to read.
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {value.layout}")
     if not value.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
     if ndim is not None and value.dim() not in ndim:

@@ -1,134 +1,31 @@
 """Matrix multiplication with a fused epilogue: ``act(x @ W^T + b)``, and its backward.
 
-The torch-facing layer: argument checks, shape arithmetic and the autograd.Function. Kernels are
-found through brainkern.backends and take plain arguments (see brainkern/kernels/__init__.py).
+The torch-facing layer: argument checks, shape arithmetic, the eager autograd.Function and the
+``brainkern::linear`` / ``brainkern::linear_backward`` ops that torch.compile and torch.export
+see (how the two paths split: brainkern/ops/_dispatch.py). Kernels are found through
+brainkern.backends and take plain arguments (see brainkern/kernels/__init__.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from brainkern import activations, backends
+from brainkern import activations
 from brainkern.activations import Activation
 from brainkern.kernels import compose_linear_backward
+from brainkern.ops import _dispatch
 from brainkern.ops._checks import check_same_kind, check_tensor
 
 
-class FusedLinear(torch.autograd.Function):
-    """``y = act(z)``, ``z = x @ W^T + b`` with x (M, K), W (N, K), b (N,).
-
-    Backward, with ``g = dL/dy`` (M, N):
-
-    - ``dz = g * act'(z)``: one fused pass that also reduces ``db = sum_m dz[m, :]``. act' comes
-      from the saved output y for relu/leaky_relu/sigmoid/tanh (e.g. tanh' = 1 - y^2) and from
-      the saved pre-activation z for gelu/silu; without an activation ``dz = g``.
-    - ``dx = dz @ W``  (M, N) @ (N, K) and ``dW = dz^T @ x`` (N, M) @ (M, K): two GEMMs over
-      strided views of the saved tensors; the kernels' packing reads any strides, so nothing
-      is copied to transpose.
-
-    A backend may do all of it in one call (``linear_backward``, the native core does); else it
-    is composed from the backend's two kernels (brainkern.kernels.compose_linear_backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, act: Activation | None, kern):
-        out, saved = _forward(kern, x, weight, bias, act)
-        ctx.act, ctx.kern = act, kern
-        ctx.save_for_backward(x, weight, bias, saved)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            return FusedLinear._differentiable_backward(ctx, grad_out)
-        x, weight, bias, saved = ctx.saved_tensors
-        kern, act = ctx.kern, ctx.act
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # Allocation is a good part of a small layer's backward: empty_like is the cheapest
-        # torch allocator call (x and weight are contiguous in the common case).
-        grad_x = _empty_contiguous(x) if need_x else None
-        grad_w = _empty_contiguous(weight) if need_w else None
-        grad_b = torch.empty_like(bias) if need_b else None  # linear() made bias contiguous
-        if act is None:
-            code, param, saves_output = activations.NONE, 0.0, True
-        else:
-            code, param, saves_output = act.code, act.param, act.saves_output
-        fused = getattr(kern, "linear_backward", None)
-        if fused is not None:
-            fused(grad_out, x, weight, saved, grad_x, grad_w, grad_b, code, param, saves_output)
-        else:
-            compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, grad_b,
-                                    code, param, saves_output)
-        return grad_x, grad_w, grad_b, None, None
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad_out):
-        """backward(create_graph=True), e.g. for a gradient penalty: the gradients must be
-        differentiable themselves, which the kernels' are not. The layer is recomputed with
-        torch's ops and differentiated by autograd (reentrant), so that higher derivatives are
-        exact for every activation, gelu's and silu's pre-activation included."""
-        x, weight, bias, _ = ctx.saved_tensors
-        inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad) if need]
-        y = _with_torch_ops(x, weight, bias, ctx.act)
-        grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True))
-        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None)
-
-
-def _with_torch_ops(x, weight, bias, act):
-    """The layer in torch's own ops: what runs under torch.func transforms (below)."""
-    z = torch.nn.functional.linear(x, weight, bias)
-    return z if act is None else act.forward(z)
-
-
-# FusedLinear's C++ apply. Function.apply is a Python classmethod over it that checks for
-# setup_context and functorch transforms and unwraps dead functorch wrappers: ~3 us per call
-# standalone and ~10 in a training step (measured; a small layer's whole GEMM is a few us).
-# linear() does what of that applies itself (below) and calls the C++ apply; under
-# torch.compile the classmethod runs, as dynamo expects of an autograd.Function.
-try:
-    _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedLinear)
-except (AttributeError, KeyError):
-    _c_apply = FusedLinear.apply
-_is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
-_kernels_for = backends.kernels_for
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", lambda t: t)
-
-
-def _run(kern, x, weight, bias, act):
-    """The 2-D layer: through FusedLinear when a gradient is wanted, else the bare kernel."""
-    if _grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        if _is_compiling():
-            return FusedLinear.apply(x, weight, bias, act, kern)
-        return _c_apply(x, weight, bias, act, kern)
-    return _forward(kern, x, weight, bias, act)[0]  # inference: no autograd bookkeeping
-
-
-def _unwrap_dead(*tensors):
-    """``tensors`` with dead functorch wrappers unwrapped, or None if none was one.
-
-    A tensor kept from inside a torch.func transform is a dead wrapper without storage: the
-    kernels' data_ptr() fails on it (before any kernel runs). Function.apply would unwrap it;
-    linear() does so only after that failure, which keeps three calls per layer off the
-    common path.
-    """
-    unwrapped = tuple(None if t is None else _unwrap_if_dead(t) for t in tensors)
-    return None if all(u is t for u, t in zip(unwrapped, tensors)) else unwrapped
-
-
-def _empty_contiguous(t):
-    if t.is_contiguous():
-        return torch.empty_like(t)
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
 def _forward(kern, x, weight, bias, act):
-    """Run the forward kernel; returns (out, what backward keeps for the activation or None)."""
+    """Run the forward kernel; returns (out, what backward keeps for the activation or None).
+
+    The saved tensor is ``out`` itself when the activation's derivative follows from its output,
+    the pre-activation (gelu, silu, leaky_relu with a negative slope) otherwise.
+    """
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     if act is None:
         kern.linear_forward(x, weight, bias, out, None, activations.NONE, 0.0)
@@ -141,19 +38,176 @@ def _forward(kern, x, weight, bias, act):
     return out, pre
 
 
-def _autocast(*tensors):
-    """Under torch.autocast, cast floating tensors to the autocast dtype, as F.linear does."""
-    device_type = tensors[0].device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                 for t in tensors)
+def _backward(kern, grad_out, x, weight, bias, saved, act, need_x, need_w, need_b):
+    """Gradients (x, weight, bias), each None where not needed: see FusedLinear's docstring."""
+    # Allocation is a good part of a small layer's backward: empty_like is the cheapest torch
+    # allocator call (x and weight are contiguous in the common case; bias is contiguous).
+    grad_x = _dispatch.empty_contiguous(x) if need_x else None
+    grad_w = _dispatch.empty_contiguous(weight) if need_w else None
+    grad_b = torch.empty_like(bias) if need_b else None
+    if act is None:
+        code, param, saves_output = activations.NONE, 0.0, True
+    else:
+        code, param, saves_output = act.code, act.param, act.saves_output
+    fused = getattr(kern, "linear_backward", None)
+    if fused is not None:
+        fused(grad_out, x, weight, saved, grad_x, grad_w, grad_b, code, param, saves_output)
+    else:
+        compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, grad_b,
+                                code, param, saves_output)
+    return grad_x, grad_w, grad_b
 
 
-# One C call telling whether any autocast region is active (private in torch, present since 2.0;
-# without it, the public per-device check in _autocast runs every time).
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+def _with_torch_ops(x, weight, bias, act):
+    """The layer in torch's own ops: under torch.func transforms, and for create_graph."""
+    z = torch.nn.functional.linear(x, weight, bias)
+    return z if act is None else act.forward(z)
+
+
+def _differentiable_backward(grad_out, x, weight, bias, act, needs):
+    """backward(create_graph=True), e.g. for a gradient penalty: the gradients must be
+    differentiable themselves, which the kernels' are not. The layer is recomputed with
+    torch's ops and differentiated by autograd (reentrant), so that higher derivatives are
+    exact for every activation, gelu's and silu's pre-activation included."""
+    inputs = [t for t, need in zip((x, weight, bias), needs) if need]
+    y = _with_torch_ops(x, weight, bias, act)
+    grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+class FusedLinear(torch.autograd.Function):
+    """``y = act(z)``, ``z = x @ W^T + b`` with x (M, K), W (N, K), b (N,): the eager path.
+
+    Backward, with ``g = dL/dy`` (M, N):
+
+    - ``dz = g * act'(z)``: one fused pass that also reduces ``db = sum_m dz[m, :]``. act' comes
+      from the saved output y for relu/leaky_relu/sigmoid/tanh (e.g. tanh' = 1 - y^2) and from
+      the saved pre-activation z for gelu/silu; without an activation ``dz = g``.
+    - ``dx = dz @ W``  (M, N) @ (N, K) and ``dW = dz^T @ x`` (N, M) @ (M, K): two GEMMs over
+      strided views of the saved tensors; the kernels' packing reads any strides, so nothing
+      is copied to transpose.
+
+    A backend may do all of it in one call (``linear_backward``, the native core does); else it
+    is composed from the backend's two kernels (brainkern.kernels.compose_linear_backward).
+    The registered op ``brainkern::linear`` (for graphs) runs the same _forward and _backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act: Activation | None, kern):
+        out, saved = _forward(kern, x, weight, bias, act)
+        ctx.act, ctx.kern = act, kern
+        ctx.save_for_backward(x, weight, bias, saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(grad_out, x, weight, bias, ctx.act, needs)
+        else:
+            grads = _backward(ctx.kern, grad_out, x, weight, bias, saved, ctx.act, *needs)
+        return (*grads, None, None)
+
+
+_apply = _dispatch.c_apply(FusedLinear)
+
+
+# The registered ops: what torch.compile and torch.export see (and meta tensors run).
+
+
+@functools.cache
+def _activation(code: int, param: float) -> Activation | None:
+    """The Activation a graph's (act_code, act_param) constants stand for."""
+    return None if code == activations.NONE else Activation("", code, param)
+
+
+def _op_forward(kern, x, weight, bias, act_code, act_param):
+    act = _activation(act_code, act_param)
+    # A compiled graph passes its own tensors; the kernels need a contiguous bias.
+    out, saved = _forward(kern, x, weight, None if bias is None else bias.contiguous(), act)
+    # An op's outputs may not alias each other: the output saved as itself is returned once.
+    return out, (x.new_empty(0) if saved is None or saved is out else saved)
+
+
+def _fake_forward(x, weight, bias, act_code, act_param):
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    keeps_pre = act_code != activations.NONE and not activations.saves_output(act_code, act_param)
+    return out, (torch.empty_like(out) if keeps_pre else x.new_empty(0))
+
+
+_linear_op = _dispatch.define(
+    "linear", "(str backend, Tensor x, Tensor weight, Tensor? bias, int act_code, "
+    "float act_param) -> (Tensor, Tensor)",
+    family="linear", impl=_op_forward, fake=_fake_forward)
+
+
+def _op_backward(kern, grad_out, x, weight, bias, saved, act_code, act_param, needs):
+    act = _activation(act_code, act_param)
+    grads = _backward(kern, grad_out, x, weight, bias, saved, act, *needs)
+    return [g for g in grads if g is not None]
+
+
+def _fake_backward(grad_out, x, weight, bias, saved, act_code, act_param, needs):
+    return [torch.empty_like(t) for t, need in zip((x, weight, bias), needs) if need]
+
+
+_linear_backward_op = _dispatch.define(
+    "linear_backward", "(str backend, Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "
+    "Tensor? saved, int act_code, float act_param, bool[] needs) -> Tensor[]",
+    family="linear", impl=_op_backward, fake=_fake_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    backend, x, weight, bias, act_code, act_param = inputs
+    out, extra = output
+    if act_code == activations.NONE:
+        saved = None
+    else:
+        saved = out if activations.saves_output(act_code, act_param) else extra
+    ctx.backend, ctx.act_code, ctx.act_param = backend, act_code, act_param
+    ctx.save_for_backward(x, weight, bias, saved)
+
+
+def _op_autograd(ctx, grad_out, _grad_extra):
+    x, weight, bias, saved = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[1:4])
+    if torch.is_grad_enabled():
+        act = _activation(ctx.act_code, ctx.act_param)
+        grads = _differentiable_backward(grad_out, x, weight, bias, act, needs)
+    else:
+        computed = iter(_linear_backward_op(ctx.backend, grad_out, x, weight, bias, saved,
+                                            ctx.act_code, ctx.act_param, needs))
+        grads = tuple(next(computed) if need else None for need in needs)
+    return (None, *grads, None, None)
+
+
+torch.library.register_autograd(_linear_op, _op_autograd, setup_context=_setup_context)
+
+
+def _linear_in_graph(x, weight, bias, act):
+    """The 2-D layer as one ``brainkern::linear`` node, its backend fixed now."""
+    backend = _dispatch.graph_backend("linear", x.device, x.dtype)
+    code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
+    return _linear_op(backend, x, weight, bias, code, param)[0]
+
+
+# Bound once: the eager path below runs for every layer call.
+_grad_enabled = _dispatch.grad_enabled
+_any_autocast = _dispatch.any_autocast
+_in_graph = _dispatch.in_graph
+_transforms_active = _dispatch.transforms_active
+_kernels_for = _dispatch.kernels_for
+_STRIDED = torch.strided
+
+
+def _run(kern, x, weight, bias, act):
+    """The 2-D layer: through FusedLinear when a gradient is wanted, else the bare kernel."""
+    if _grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _apply(x, weight, bias, act, kern)
+    return _forward(kern, x, weight, bias, act)[0]  # inference: no autograd bookkeeping
 
 
 def _check_linear(input, weight, bias):
@@ -185,16 +239,18 @@ def linear(input, weight, bias=None, activation=None):
     # microseconds: the common case is recognised with a handful of cheap tests, and anything
     # else goes through _check_linear, which names what is wrong.
     if _any_autocast() and isinstance(input, torch.Tensor):
-        input, weight, bias = _autocast(input, weight, bias)
+        input, weight, bias = _dispatch.autocast(input, weight, bias)
     Tensor = torch.Tensor
     try:
         dtype, device, (n, k), ndim = input.dtype, input.device, weight.shape, input.ndim
         valid = (
             isinstance(input, Tensor) and isinstance(weight, Tensor) and input.is_floating_point()
             and weight.dtype is dtype and ndim > 0 and input.shape[-1] == k
-            and weight.device == device
+            and weight.device == device and input.layout is _STRIDED
+            and weight.layout is _STRIDED
             and (bias is None or (isinstance(bias, Tensor) and bias.dtype is dtype
-                                  and bias.shape == (n,) and bias.device == device))
+                                  and bias.shape == (n,) and bias.device == device
+                                  and bias.layout is _STRIDED))
         )
     except (AttributeError, TypeError, ValueError):
         valid = False
@@ -203,11 +259,12 @@ def linear(input, weight, bias=None, activation=None):
         dtype, device, (n, k), ndim = input.dtype, input.device, weight.shape, input.ndim
     act = activation if activation is None or type(activation) is Activation else (
         activations.resolve(activation))
-    kern = _kernels_for("linear", device, dtype)
     x = input if ndim == 2 else input.reshape(math.prod(input.shape[:-1]), k)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    if _transforms_active():
+    if _in_graph():
+        out = _linear_in_graph(x, weight, bias, act)
+    elif _transforms_active():
         # Under a torch.func transform (grad, vmap, jacrev, ...) the kernels cannot run: they
         # read data pointers, which transformed tensors lack. torch's ops, which every transform
         # supports, compute the layer there, so brainkern layers work inside torch.func as
@@ -215,12 +272,21 @@ def linear(input, weight, bias=None, activation=None):
         out = _with_torch_ops(x, weight, bias, act)
     else:
         try:
-            out = _run(kern, x, weight, bias, act)
+            kern = _kernels_for("linear", device, dtype)
         except RuntimeError:
-            unwrapped = _unwrap_dead(x, weight, bias)
-            if unwrapped is None:
+            if device.type != "meta":
                 raise
-            out = _run(kern, *unwrapped, act)
+            # No kernel runs on meta tensors: the registered op's fake implementation gives
+            # the shape (and its autograd the gradients' shapes), as torch.nn.Linear does.
+            out = _linear_in_graph(x, weight, bias, act)
+        else:
+            try:
+                out = _run(kern, x, weight, bias, act)
+            except RuntimeError:
+                unwrapped = _dispatch.unwrap_dead(x, weight, bias)
+                if unwrapped is None:
+                    raise
+                out = _run(kern, *unwrapped, act)
     return out if ndim == 2 else out.reshape(*input.shape[:-1], n)
 
 
