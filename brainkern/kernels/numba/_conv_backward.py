@@ -1,0 +1,272 @@
+"""The convolution's backward kernels: the weight gradient and the activation's backward pass.
+
+``conv2d_backward_weight`` is a GEMM ``grad_weight[co, (tap, ci)] = sum over pixels of
+grad_pre[pixel, co] * patch[pixel, (tap, ci)]`` whose reduction runs over every output pixel of
+the batch. The pixels are split into a fixed number of chunks that depends on the problem's
+size alone; each chunk accumulates its own partial gradient (packed panels of grad_pre and of
+the gathered patches, ``_simd.microkernel`` over blocks of ``_KC`` pixels), and the partials are
+added in chunk order: the result does not depend on the thread count.
+
+``conv2d_activation_backward``: ``grad_pre = grad_out * act'(saved)`` in one pass over blocks of
+rows, each block's per-channel float64 sums added in block order for the bias gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from brainkern.kernels.numba import _runtime, _simd
+from brainkern.kernels.numba._conv_gemm import strides
+from brainkern.kernels.numba.linear import (
+    _NUMPY_DTYPE, _PARALLEL_MIN_ELEMENTS, _PARALLEL_MIN_FMAS, FASTMATH, _cdiv, _derivative, _flat,
+)
+from brainkern.activations import saves_output
+
+_KC = 128  # pixels per packed block: a (mr + nr) x 128 pair of panels stays in L1/L2
+_CHUNK_PIXELS = 2048  # at least this many pixels per partial gradient ...
+_MAX_CHUNKS = 16  # ... and at most this many partials (memory: one padded weight each)
+_BLOCK_ELEMENTS = 1 << 14  # elements per activation-backward block (rounded to whole rows)
+
+# geometry array layout of the weight gradient
+(W_SXN, W_SXC, W_SXH, W_SXW, W_H, W_W, W_SGN, W_SGC, W_SGH, W_SGW, W_HO, W_WO, W_CG_IN,
+ W_GROUPS, W_CG_OUT, W_SH, W_SW, W_PH, W_PW, W_DH, W_DW, W_KH, W_KW, W_CHUNK, W_BATCH) = range(25)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _weight_chunk(chunk, x, grad, partial, geom, mr, nr):
+    """Chunk ``chunk``'s partial weight gradient, every group, into
+    ``partial[chunk]``: ``(groups, co_panels, col_panels, mr, nr)`` flat, col = tap*cg_in + ci.
+
+    x: flat input, element (n, c, h, w) at ``n*sxn + c*sxc + h*sxh + w*sxw``.
+    grad: flat grad_pre, element (n, co, oh, ow) at ``n*sgn + co*sgc + oh*sgh + ow*sgw``.
+    """
+    sxn, sxc, sxh, sxw = geom[W_SXN], geom[W_SXC], geom[W_SXH], geom[W_SXW]
+    sgn, sgc, sgh, sgw = geom[W_SGN], geom[W_SGC], geom[W_SGH], geom[W_SGW]
+    h, w, h_out, w_out = geom[W_H], geom[W_W], geom[W_HO], geom[W_WO]
+    cg_in, groups, cg_out = geom[W_CG_IN], geom[W_GROUPS], geom[W_CG_OUT]
+    sh, sw, ph, pw, dh, dw = geom[W_SH], geom[W_SW], geom[W_PH], geom[W_PW], geom[W_DH], geom[W_DW]
+    kh_size, kw_size, chunk_pixels = geom[W_KH], geom[W_KW], geom[W_CHUNK]
+    cols = kh_size * kw_size * cg_in
+    co_panels, col_panels = (cg_out + mr - 1) // mr, (cols + nr - 1) // nr
+    tile_size = mr * nr
+    group_size = co_panels * col_panels * tile_size
+    acc = partial[chunk * groups * group_size:(chunk + 1) * groups * group_size]
+    acc[:] = 0.0
+    total = geom[W_BATCH] * h_out * w_out
+    first, last = chunk * chunk_pixels, min(total, (chunk + 1) * chunk_pixels)
+    a_pack = np.empty(co_panels * mr * _KC, dtype=x.dtype)
+    # B's padding columns are left unwritten: they only reach tile columns that are dropped.
+    b_pack = np.empty(col_panels * nr * _KC, dtype=x.dtype)
+    x_pix, ih0, iw0, g_pix = (np.empty(_KC, np.int64), np.empty(_KC, np.int64),
+                              np.empty(_KC, np.int64), np.empty(_KC, np.int64))
+    for p0 in range(first, last, _KC):
+        steps = min(_KC, last - p0)
+        for k in range(steps):
+            pixel = p0 + k
+            n = pixel // (h_out * w_out)
+            oh = (pixel // w_out) % h_out
+            ow = pixel % w_out
+            x_pix[k], ih0[k], iw0[k] = n * sxn, oh * sh - ph, ow * sw - pw
+            g_pix[k] = n * sgn + oh * sgh + ow * sgw
+        for g in range(groups):
+            for p in range(co_panels):  # A: mr channels of grad_pre per pixel
+                for r in range(mr):
+                    co = p * mr + r
+                    base = p * steps * mr + r
+                    if co < cg_out:
+                        offset = (g * cg_out + co) * sgc
+                        for k in range(steps):
+                            a_pack[base + k * mr] = grad[g_pix[k] + offset]
+                    else:
+                        for k in range(steps):
+                            a_pack[base + k * mr] = 0.0
+            # B: nr patch columns per pixel; col = tap*cg_in + ci lives in panel col // nr.
+            for kh in range(kh_size):
+                for kw in range(kw_size):
+                    col0 = (kh * kw_size + kw) * cg_in
+                    for k in range(steps):
+                        ih, iw = ih0[k] + kh * dh, iw0[k] + kw * dw
+                        inside = ih >= 0 and ih < h and iw >= 0 and iw < w
+                        src = x_pix[k] + g * cg_in * sxc + ih * sxh + iw * sxw
+                        for ci in range(cg_in):
+                            col = col0 + ci
+                            q = col // nr
+                            dst = (q * steps + k) * nr + col - q * nr
+                            b_pack[dst] = x[src + ci * sxc] if inside else 0.0
+            for q in range(col_panels):
+                for p in range(co_panels):
+                    t0 = ((g * co_panels + p) * col_panels + q) * tile_size
+                    _simd.microkernel(a_pack, p * steps * mr, b_pack, q * steps * nr, steps,
+                                      acc, t0, nr, True, acc, t0, nr)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _weight_parallel(chunks, x, grad, partial, geom, mr, nr):
+    """Every chunk's partial, one prange iteration each (serial twin: _weight_serial)."""
+    for chunk in prange(chunks):
+        _weight_chunk(np.int64(chunk), x, grad, partial, geom, mr, nr)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _weight_serial(chunks, x, grad, partial, geom, mr, nr):
+    for chunk in range(chunks):
+        _weight_chunk(chunk, x, grad, partial, geom, mr, nr)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _weight_reduce(partial, chunks, geom, mr, nr, grad_weight):
+    """grad_weight[g*cg_out + co, ci, kh, kw] = sum over chunks, in order, of the partials."""
+    cg_in, groups, cg_out = geom[W_CG_IN], geom[W_GROUPS], geom[W_CG_OUT]
+    kernel_area = geom[W_KH] * geom[W_KW]
+    cols = kernel_area * cg_in
+    co_panels, col_panels = (cg_out + mr - 1) // mr, (cols + nr - 1) // nr
+    chunk_size = groups * co_panels * col_panels * mr * nr
+    for g in range(groups):
+        for co in range(cg_out):
+            p, r = co // mr, co % mr
+            row = (g * cg_out + co) * cols
+            for col in range(cols):
+                q = col // nr
+                src = (((g * co_panels + p) * col_panels + q) * mr + r) * nr + col - q * nr
+                total = 0.0
+                for chunk in range(chunks):
+                    total += partial[chunk * chunk_size + src]
+                tap, ci = col // cg_in, col % cg_in
+                grad_weight[row + ci * kernel_area + tap] = total
+
+
+def conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, groups):
+    """``grad_weight = sum over n, oh, ow of grad_pre * x's patch`` (kernels/__init__.py)."""
+    batch, _, h_out, w_out = grad_pre.shape
+    c_out, cg_in, kh_size, kw_size = grad_weight.shape
+    pixels = batch * h_out * w_out
+    if grad_weight.numel() == 0:
+        return
+    if pixels == 0 or x.numel() == 0:
+        grad_weight.zero_()
+        return
+    mr, nr, _ = _simd.gemm_tile(_NUMPY_DTYPE[x.dtype])
+    chunks = min(_MAX_CHUNKS, _cdiv(pixels, _CHUNK_PIXELS))
+    chunk_pixels = _cdiv(pixels, chunks)
+    chunks = _cdiv(pixels, chunk_pixels)
+    cg_out = c_out // groups
+    geom = np.array([*strides(x), *x.shape[2:], *strides(grad_pre), h_out, w_out, cg_in, groups,
+                     cg_out, *stride, *padding, *dilation, kh_size, kw_size, chunk_pixels, batch],
+                    dtype=np.int64)
+    partial = np.empty(chunks * groups * _cdiv(cg_out, mr) * mr
+                       * _cdiv(kh_size * kw_size * cg_in, nr) * nr, dtype=_NUMPY_DTYPE[x.dtype])
+    args = (chunks, _flat(x), _flat(grad_pre), partial, geom, mr, nr)
+    fmas = pixels * c_out * cg_in * kh_size * kw_size
+    if chunks > 1 and fmas >= _PARALLEL_MIN_FMAS and _runtime.threads() > 1:
+        _weight_parallel(*args)
+    else:
+        _weight_serial(*args)
+    _weight_reduce(partial, chunks, geom, mr, nr, _flat(grad_weight))
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _activation_block(block, g, gs, saved, ss, grad_pre, ps, shape, rows_per_block, code, param,
+                      sums, has_sums):
+    """Rows ``[r0, r0 + rows_per_block)`` (r0 = block*rows_per_block) of every image... of one
+    image: block b covers image ``b // row_blocks`` rows of its own; ``grad_pre = g *
+    act'(saved)`` there, and with has_sums ``sums[block*C + c]`` = the block's float64 channel
+    sums of the stored grad_pre.
+
+    g, saved, grad_pre: flat, element (n, c, h, w) at ``n*s[0] + c*s[1] + h*s[2] + w*s[3]`` for
+    their strides gs, ss, ps. shape: (N, C, H, W). Loops follow grad_pre's memory order.
+    """
+    channels, height, width = shape[1], shape[2], shape[3]
+    row_blocks = (height + rows_per_block - 1) // rows_per_block
+    n = block // row_blocks
+    h0 = (block % row_blocks) * rows_per_block
+    h1 = min(height, h0 + rows_per_block)
+    base = block * channels
+    if has_sums:
+        sums[base:base + channels] = 0.0
+    if ps[1] == 1:  # NHWC: channels innermost
+        for hh in range(h0, h1):
+            for ww in range(width):
+                gp = n * gs[0] + hh * gs[2] + ww * gs[3]
+                sp = n * ss[0] + hh * ss[2] + ww * ss[3]
+                pp = n * ps[0] + hh * ps[2] + ww * ps[3]
+                for c in range(channels):
+                    value = g[gp + c * gs[1]] * _derivative(saved[sp + c], code, param)
+                    grad_pre[pp + c] = value
+                    if has_sums:
+                        sums[base + c] += value
+    else:
+        for c in range(channels):
+            total = 0.0
+            for hh in range(h0, h1):
+                gp = n * gs[0] + c * gs[1] + hh * gs[2]
+                sp = n * ss[0] + c * ss[1] + hh * ss[2]
+                pp = n * ps[0] + c * ps[1] + hh * ps[2]
+                for ww in range(width):
+                    value = g[gp + ww * gs[3]] * _derivative(saved[sp + ww * ss[3]], code, param)
+                    grad_pre[pp + ww * ps[3]] = value
+                    total += value
+            if has_sums:
+                sums[base + c] = total
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _sum_blocks(sums, blocks, channels, grad_bias):
+    """grad_bias[c] = sum over blocks of sums[block*C + c], in block order (deterministic)."""
+    for c in range(channels):
+        total = 0.0
+        for block in range(blocks):
+            total += sums[block * channels + c]
+        grad_bias[c] = total
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _activation_parallel(blocks, g, gs, saved, ss, grad_pre, ps, shape, rows_per_block, code,
+                         param, grad_bias, has_bias):
+    """Every block (arguments as _activation_block), then the bias sums in block order."""
+    sums = np.empty(blocks * shape[1] if has_bias else 0, dtype=np.float64)
+    for block in prange(blocks):
+        _activation_block(np.int64(block), g, gs, saved, ss, grad_pre, ps, shape, rows_per_block,
+                          code, param, sums, has_bias)
+    if has_bias:
+        _sum_blocks(sums, blocks, shape[1], grad_bias)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _activation_serial(blocks, g, gs, saved, ss, grad_pre, ps, shape, rows_per_block, code,
+                       param, grad_bias, has_bias):
+    """_activation_parallel's serial twin: same blocks, same sums, same order."""
+    sums = np.empty(blocks * shape[1] if has_bias else 0, dtype=np.float64)
+    for block in range(blocks):
+        _activation_block(block, g, gs, saved, ss, grad_pre, ps, shape, rows_per_block, code,
+                          param, sums, has_bias)
+    if has_bias:
+        _sum_blocks(sums, blocks, shape[1], grad_bias)
+
+
+def conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
+                               saved_is_output):
+    """``grad_pre = grad_out * act'(saved)``, ``grad_bias = grad_pre.sum((0, 2, 3))`` if given."""
+    batch, channels, height, width = grad_pre.shape
+    if channels == 0:
+        return
+    if grad_pre.numel() == 0:
+        if grad_bias is not None:
+            grad_bias.zero_()
+        return
+    assert saves_output(int(act_code), float(act_param)) == bool(saved_is_output), (
+        "saved tensor does not match the activation")
+    # Blocks of whole rows, about _BLOCK_ELEMENTS each, fixed by the shape alone.
+    rows_per_block = max(1, min(height, _BLOCK_ELEMENTS // max(1, channels * width)))
+    blocks = batch * _cdiv(height, rows_per_block)
+    grad_pre_flat = _flat(grad_pre)
+    stride_arrays = [np.array(s, dtype=np.int64) for s in
+               (grad_out.stride(), strides(saved), strides(grad_pre))]
+    args = (blocks, _flat(grad_out), stride_arrays[0], _flat(saved), stride_arrays[1], grad_pre_flat,
+            stride_arrays[2], np.array(grad_pre.shape, dtype=np.int64), rows_per_block, int(act_code),
+            float(act_param), grad_pre_flat if grad_bias is None else _flat(grad_bias),
+            grad_bias is not None)
+    if blocks > 1 and grad_pre.numel() >= _PARALLEL_MIN_ELEMENTS and _runtime.threads() > 1:
+        _activation_parallel(*args)
+    else:
+        _activation_serial(*args)

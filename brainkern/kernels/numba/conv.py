@@ -1,0 +1,161 @@
+"""Numba CPU kernels for the convolution op family (interface: brainkern/kernels/__init__.py).
+
+``conv2d_forward`` and ``conv_transpose2d_forward`` run as implicit GEMMs (_conv_gemm.py):
+patches gathered per panel of output pixels straight from NCHW or NHWC input, the SIMD
+micro-kernel, and the bias + activation epilogue on the register tile. A transposed convolution
+is computed per output phase with only the taps that reach it (a gather, no scatter and no
+multiply-adds on inserted zeros). Depthwise layers (one input channel per group), where a GEMM
+tile would be mostly empty, run a direct kernel (_conv_direct.py).
+``conv2d_backward_weight`` and ``conv2d_activation_backward``: _conv_backward.py.
+
+Every kernel has a serial twin for forked children and small problems (see linear.py and
+_runtime.py); a task split never changes a result, so outputs do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from brainkern.kernels.numba import _conv_backward, _conv_direct, _runtime, _simd
+from brainkern.kernels.numba import _conv_gemm as gemm
+from brainkern.kernels.numba.linear import _NUMPY_DTYPE, _PARALLEL_MIN_FMAS, _cdiv, _flat
+
+DEVICES = ("cpu",)
+DTYPES = (torch.float32, torch.float64)
+
+
+def _run_pass(x, x_flat, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_dw,
+              act_code, act_param, batch):
+    """One pass of the implicit GEMM (see _conv_gemm): pack the weight, run the work items."""
+    mr, nr, _ = _simd.gemm_tile(_NUMPY_DTYPE[out.dtype])
+    weight_rows = geom[gemm.G_SOC] != 1  # NCHW out: tile rows are channels, columns pixels
+    groups, cg_out = geom[gemm.G_GROUPS], geom[gemm.G_CG_OUT]
+    width = mr if weight_rows else nr
+    k_total = len(tap_kh) * geom[gemm.G_CG_IN]
+    wpack = np.empty(groups * _cdiv(cg_out, width) * width * max(k_total, 1),
+                     dtype=_NUMPY_DTYPE[out.dtype])
+    if k_total:
+        gemm.pack_weight(weight_flat, geom, tap_kh, tap_kw, width, wpack)
+    pixels = geom[gemm.G_HG] * geom[gemm.G_WG]
+    items = batch * groups * _cdiv(pixels, nr if weight_rows else mr)
+    out_flat = _flat(out)
+    args = (x_flat, wpack, tap_dh, tap_dw, out_flat if bias is None else _flat(bias),
+            bias is not None, out_flat, out_flat if pre is None else _flat(pre), pre is not None,
+            geom, int(act_code), float(act_param), weight_rows, mr, nr)
+    fmas = batch * pixels * groups * cg_out * max(k_total, 1)
+    threads = _runtime.threads() if fmas >= _PARALLEL_MIN_FMAS else 1
+    tasks = min(threads, items)
+    if tasks <= 1:
+        gemm.forward_items(0, items, *args)
+    else:
+        gemm.forward_parallel(tasks, items, *args)
+
+
+def _depthwise(x, weight, bias, out, pre, geom, taps_h, taps_w, act_code, act_param, batch):
+    """One pass of the direct depthwise kernel (_conv_direct), weight element (co, tap) at
+    ``co*kH*kW + tap`` (conv2d's depthwise weight and conv_transpose2d's alike)."""
+    c_out = out.shape[1]
+    weight = weight.reshape(c_out, -1)
+    if geom[gemm.G_SXC] == 1:  # NHWC: the vector loop runs over channels
+        weight = weight.t().contiguous()
+    rows = batch * geom[gemm.G_HG]
+    out_flat = _flat(out)
+    args = (_flat(x), _flat(weight), np.array(taps_h, np.int64).reshape(-1, 2),
+            np.array(taps_w, np.int64).reshape(-1, 2), out_flat if bias is None else _flat(bias),
+            bias is not None, out_flat, out_flat if pre is None else _flat(pre), pre is not None,
+            geom, int(act_code), float(act_param))
+    work = rows * geom[gemm.G_WG] * c_out * len(taps_h) * len(taps_w)
+    tasks = min(_runtime.threads() if work >= _PARALLEL_MIN_FMAS else 1, rows)
+    if tasks <= 1:
+        _conv_direct.depthwise_rows(0, rows, *args)
+    else:
+        _conv_direct.depthwise_parallel(tasks, rows, *args)
+
+
+def _geometry(x, out, cg_in, groups, cg_out, weight_strides, kw_size):
+    geom = np.zeros(gemm.GEOMETRY_SIZE, dtype=np.int64)
+    geom[[gemm.G_SXN, gemm.G_SXC, gemm.G_SXH, gemm.G_SXW]] = gemm.strides(x)
+    geom[[gemm.G_H, gemm.G_W]] = x.shape[2:]
+    geom[[gemm.G_SON, gemm.G_SOC, gemm.G_SOH, gemm.G_SOW]] = gemm.strides(out)
+    geom[[gemm.G_CG_IN, gemm.G_GROUPS, gemm.G_CG_OUT]] = cg_in, groups, cg_out
+    geom[[gemm.G_W_GROUP, gemm.G_W_CO, gemm.G_W_CI]] = weight_strides
+    geom[gemm.G_KW] = kw_size
+    return geom
+
+
+def _taps(offsets_h, offsets_w):
+    """The cross product of per-row and per-column taps ``[(k, offset)]``, as the int64 arrays
+    (tap_kh, tap_kw, tap_dh, tap_dw)."""
+    pairs = [(kh, kw, dh, dw) for kh, dh in offsets_h for kw, dw in offsets_w]
+    return tuple(np.array([p[i] for p in pairs], dtype=np.int64) for i in range(4))
+
+
+def conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups, act_code,
+                   act_param):
+    """``out = act(conv2d(x, weight) + bias)``, ``pre`` before act (kernels/__init__.py)."""
+    if out.numel() == 0:
+        return
+    batch, c_in = x.shape[:2]
+    c_out, cg_in, kh_size, kw_size = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    cg_out = c_out // groups
+    kernel_area = kh_size * kw_size
+    geom = _geometry(x, out, cg_in, groups, cg_out, (cg_out * cg_in * kernel_area,
+                                                      cg_in * kernel_area, kernel_area), kw_size)
+    geom[[gemm.G_HG, gemm.G_WG]] = out.shape[2:]
+    geom[[gemm.G_ISTEP_H, gemm.G_ISTEP_W, gemm.G_OSTEP_H, gemm.G_OSTEP_W]] = sh, sw, 1, 1
+    taps_h = [(kh, kh * dh - ph) for kh in range(kh_size)]
+    taps_w = [(kw, kw * dw - pw) for kw in range(kw_size)]
+    if cg_in == 1 and groups > 1 and x.numel():
+        _depthwise(x, weight, bias, out, pre, geom, taps_h, taps_w, act_code, act_param, batch)
+        return
+    if x.numel():
+        taps = _taps(taps_h, taps_w)
+        x_flat = _flat(x)
+    else:  # nothing to read: z is the bias alone
+        taps, x_flat = _taps([], []), _flat(out)
+    _run_pass(x, x_flat, _flat(weight), bias, out, pre, geom, *taps, act_code, act_param, batch)
+
+
+def _phase_taps(phase, pad, dilation, stride, size):
+    """Taps ``(k, input offset)`` of a transposed convolution that reach output rows
+    ``oh = phase + i*stride``: those with ``(phase + pad - k*dilation)`` divisible by stride,
+    reading input row ``i + (phase + pad - k*dilation) // stride``."""
+    return [(k, (phase + pad - k * dilation) // stride) for k in range(size)
+            if (phase + pad - k * dilation) % stride == 0]
+
+
+def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
+                             act_code, act_param):
+    """``out = act(conv_transpose2d(x, weight) + bias)``, ``pre`` before act."""
+    if out.numel() == 0:
+        return
+    batch, c_x, _, _ = x.shape
+    _, cg_out, kh_size, kw_size = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    h_out, w_out = out.shape[2:]
+    cg_in = c_x // groups
+    kernel_area = kh_size * kw_size
+    geom = _geometry(x, out, cg_in, groups, cg_out,
+                     (cg_in * cg_out * kernel_area, kernel_area, cg_out * kernel_area), kw_size)
+    geom[[gemm.G_ISTEP_H, gemm.G_ISTEP_W, gemm.G_OSTEP_H, gemm.G_OSTEP_W]] = 1, 1, sh, sw
+    x_flat = _flat(x) if x.numel() else _flat(out)
+    weight_flat = _flat(weight)
+    for phase_h in range(min(sh, h_out)):
+        taps_h = _phase_taps(phase_h, ph, dh, sh, kh_size) if x.numel() else []
+        for phase_w in range(min(sw, w_out)):
+            taps_w = _phase_taps(phase_w, pw, dw, sw, kw_size) if x.numel() else []
+            pass_geom = geom.copy()
+            pass_geom[[gemm.G_HG, gemm.G_WG, gemm.G_OH0, gemm.G_OW0]] = (
+                _cdiv(h_out - phase_h, sh), _cdiv(w_out - phase_w, sw), phase_h, phase_w)
+            if cg_in == 1 and groups > 1 and x.numel():
+                _depthwise(x, weight, bias, out, pre, pass_geom, taps_h, taps_w, act_code,
+                           act_param, batch)
+            else:
+                _run_pass(x, x_flat, weight_flat, bias, out, pre, pass_geom,
+                          *_taps(taps_h, taps_w), act_code, act_param, batch)
+
+
+conv2d_backward_weight = _conv_backward.conv2d_backward_weight
+conv2d_activation_backward = _conv_backward.conv2d_activation_backward
