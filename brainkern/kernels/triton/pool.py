@@ -240,8 +240,8 @@ def avg_pool2d_backward_kernel(
             div = _divisor(h_start, h_end, h_pad_end, w_start, w_end, w_pad_end, divisor,
                            COUNT_INCLUDE_PAD)
             g = tl.load(grad_out_ptr + (plane + oh * Wo + ow) * Q + q, mask=ok, other=0.0)
-            # Candidates past the last covering window may count 0 taps: never 0 / 0.
-            acc += tl.where(ok, g.to(acc_dtype) / div.to(acc_dtype), 0.0)
+            div = tl.where(ok, div, 1)  # candidates past the last covering one may count 0 taps
+            acc += g.to(acc_dtype) / div.to(acc_dtype)
     tl.store(grad_x_ptr + offs, acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
