@@ -19,6 +19,8 @@ from brainkern.kernels import compose_linear_backward
 from brainkern.ops import _dispatch
 from brainkern.ops._checks import check_same_kind, check_tensor
 
+_empty_contiguous = _dispatch.empty_contiguous
+
 
 def _forward(kern, x, weight, bias, act):
     """Run the forward kernel; returns (out, what backward keeps for the activation or None).
@@ -38,12 +40,14 @@ def _forward(kern, x, weight, bias, act):
     return out, pre
 
 
-def _backward(kern, grad_out, x, weight, bias, saved, act, need_x, need_w, need_b):
-    """Gradients (x, weight, bias), each None where not needed: see FusedLinear's docstring."""
+def _backward(kern, grad_out, x, weight, bias, saved, act, needs):
+    """Gradients (x, weight, bias), each None where ``needs`` (three flags) says it is not
+    wanted: see FusedLinear's docstring."""
     # Allocation is a good part of a small layer's backward: empty_like is the cheapest torch
     # allocator call (x and weight are contiguous in the common case; bias is contiguous).
-    grad_x = _dispatch.empty_contiguous(x) if need_x else None
-    grad_w = _dispatch.empty_contiguous(weight) if need_w else None
+    need_x, need_w, need_b = needs
+    grad_x = _empty_contiguous(x) if need_x else None
+    grad_w = _empty_contiguous(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
     if act is None:
         code, param, saves_output = activations.NONE, 0.0, True
@@ -106,7 +110,7 @@ class FusedLinear(torch.autograd.Function):
         if torch.is_grad_enabled():
             grads = _differentiable_backward(grad_out, x, weight, bias, ctx.act, needs)
         else:
-            grads = _backward(ctx.kern, grad_out, x, weight, bias, saved, ctx.act, *needs)
+            grads = _backward(ctx.kern, grad_out, x, weight, bias, saved, ctx.act, needs)
         return (*grads, None, None)
 
 
@@ -144,7 +148,7 @@ _linear_op = _dispatch.define(
 
 def _op_backward(kern, grad_out, x, weight, bias, saved, act_code, act_param, needs):
     act = _activation(act_code, act_param)
-    grads = _backward(kern, grad_out, x, weight, bias, saved, act, *needs)
+    grads = _backward(kern, grad_out, x, weight, bias, saved, act, needs)
     return [g for g in grads if g is not None]
 
 
