@@ -16,21 +16,25 @@ _TWINS = {
     torch.nn.Linear: bnn.Linear,
     torch.nn.Conv2d: bnn.Conv2d,
     torch.nn.ConvTranspose2d: bnn.ConvTranspose2d,
+    torch.nn.MaxPool2d: bnn.MaxPool2d,
+    torch.nn.AvgPool2d: bnn.AvgPool2d,
+    torch.nn.AdaptiveAvgPool2d: bnn.AdaptiveAvgPool2d,
 }
-_FUSING = tuple(_TWINS.values())  # layers that can absorb a following activation
+_FUSING = (bnn.Linear, bnn.Conv2d, bnn.ConvTranspose2d)  # can absorb a following activation
 
 
 def _swap(layer: torch.nn.Module) -> bool:
     """Turn ``layer`` into its brainkern twin in place; False if it has none.
 
-    The twins are subclasses that add only an ``activation`` attribute, so re-classing the
+    The twins are subclasses that add at most an ``activation`` attribute, so re-classing the
     object keeps its parameters, buffers and hooks exactly as they are.
     """
     twin = _TWINS.get(type(layer))
     if twin is None:
         return False
     layer.__class__ = twin
-    layer.activation = None
+    if isinstance(layer, _FUSING):
+        layer.activation = None
     return True
 
 

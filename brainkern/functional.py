@@ -7,5 +7,7 @@ nn.GELU(approximate="tanh") selects the tanh form).
 
 from brainkern.ops.conv import conv2d, conv_transpose2d
 from brainkern.ops.linear import linear, matmul
+from brainkern.ops.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 
-__all__ = ["conv2d", "conv_transpose2d", "linear", "matmul"]
+__all__ = ["adaptive_avg_pool2d", "avg_pool2d", "conv2d", "conv_transpose2d", "linear", "matmul",
+           "max_pool2d"]

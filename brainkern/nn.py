@@ -86,4 +86,28 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d):
         return super().extra_repr() + _activation_repr(self.activation)
 
 
-__all__ = ["Conv2d", "ConvTranspose2d", "Linear"]
+class MaxPool2d(torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d computed by brainkern."""
+
+    def forward(self, input):
+        return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding,
+                                     self.dilation, self.ceil_mode, self.return_indices)
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    """torch.nn.AvgPool2d computed by brainkern."""
+
+    def forward(self, input):
+        return functional.avg_pool2d(input, self.kernel_size, self.stride, self.padding,
+                                     self.ceil_mode, self.count_include_pad,
+                                     self.divisor_override)
+
+
+class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
+    """torch.nn.AdaptiveAvgPool2d computed by brainkern."""
+
+    def forward(self, input):
+        return functional.adaptive_avg_pool2d(input, self.output_size)
+
+
+__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "Conv2d", "ConvTranspose2d", "Linear", "MaxPool2d"]
