@@ -152,6 +152,11 @@ def _avg_forward_row(row, x, out, H, W, Q, Ho, Wo, rows, cols, divisor, pairs, p
         top = 2 * oh * W
         a = x[x0 + top * Q:x0 + (top + W) * Q]
         b = x[x0 + (top + W) * Q:x0 + (top + 2 * W) * Q]
+        if Q == 1:
+            o = out[o0:o0 + Wo]
+            for ow in range(Wo):
+                o[ow] = (a[2 * ow] + a[2 * ow + 1] + b[2 * ow] + b[2 * ow + 1]) * pair_scale
+            return
         for ow in range(Wo):
             o = out[o0 + ow * Q:o0 + ow * Q + Q]
             a0, a1 = a[2 * ow * Q:2 * ow * Q + Q], a[2 * ow * Q + Q:2 * ow * Q + 2 * Q]
@@ -212,6 +217,13 @@ def _avg_backward_slice(task, g, gx, H, W, Q, Ho, Wo, rows, cols, divisor, pairs
     if pairs and 2 * Ho == H and 2 * Wo == W:  # the windows tile grad_x: one store per element
         for oh in range(Ho):
             top = x0 + 2 * oh * W * Q
+            if Q == 1:
+                share = g[o0 + oh * Wo:o0 + oh * Wo + Wo]
+                a, b = gx[top:top + W], gx[top + W:top + 2 * W]
+                for ow in range(Wo):
+                    v = share[ow] * pair_scale
+                    a[2 * ow], a[2 * ow + 1], b[2 * ow], b[2 * ow + 1] = v, v, v, v
+                continue
             for ow in range(Wo):
                 share = g[o0 + (oh * Wo + ow) * Q + q0:o0 + (oh * Wo + ow) * Q + q1]
                 for corner in (top + 2 * ow * Q, top + (2 * ow + 1) * Q,
