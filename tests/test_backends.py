@@ -52,11 +52,23 @@ def test_unknown_backend_name():
             pass
 
 
-def test_backend_that_cannot_serve_the_device_is_an_error():
-    x = torch.randn(2, 3, device="meta")
-    w = torch.randn(4, 3, device="meta")
-    with brainkern.use_backend("numba"), pytest.raises(RuntimeError, match="run on cpu tensors, not meta"):
-        BF.linear(x, w)
+def test_backend_that_cannot_serve_the_device_is_an_error(monkeypatch):
+    from brainkern.kernels.numba import linear as numba_linear
+
+    # As if numba's linear kernels ran on CUDA only; the memoised choices would hide that.
+    monkeypatch.setattr(numba_linear, "DEVICES", ("cuda",))
+    monkeypatch.setattr(backends, "_selected", {})
+    with brainkern.use_backend("numba"), pytest.raises(RuntimeError, match="run on cuda tensors, not cpu"):
+        BF.linear(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_meta_tensors_need_no_backend():
+    """No kernel runs on meta tensors (the registered op's fake implementation gives shapes),
+    so any requested backend serves them, as torch.nn.Linear does."""
+    x, w = torch.randn(2, 3, device="meta"), torch.randn(4, 3, device="meta")
+    for name in ("numba", "native", "torch"):
+        with brainkern.use_backend(name):
+            assert BF.linear(x, w, activation="gelu").shape == (2, 4)
 
 
 def test_backend_that_cannot_serve_the_dtype_is_an_error():

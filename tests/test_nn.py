@@ -64,3 +64,37 @@ def test_accelerate_swaps_in_place_shares_parameters_and_fuses():
 def test_accelerate_rejects_non_modules():
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         brainkern.accelerate(lambda x: x)
+
+
+def test_linear_on_meta_device_infers_shapes_like_torch():
+    """Deferred initialisation: built on meta, run on meta for shapes, then materialised."""
+    ref = torch.nn.Linear(12, 5, device="meta")
+    ours = bnn.Linear(12, 5, device="meta", activation="silu")
+    x = torch.empty(3, 4, 12, device="meta", requires_grad=True)
+    out = ours(x)
+    assert out.device.type == "meta" and out.shape == ref(x).shape == (3, 4, 5)
+    out.sum().backward()
+    assert ours.weight.grad.shape == (5, 12) and ours.bias.grad.shape == (5,)
+    assert x.grad.shape == x.shape
+    ours.to_empty(device="cpu")
+    ours.reset_parameters()
+    y = torch.randn(2, 12)
+    assert_close(ours(y), torch.nn.functional.silu(
+        torch.nn.functional.linear(y.double(), ours.weight.double(), ours.bias.double())))
+
+
+# CSR tensors are 2-D: a 1-D bias has only the COO layout.
+@pytest.mark.parametrize("which, layout", [("input", "coo"), ("input", "csr"), ("weight", "coo"),
+                                           ("weight", "csr"), ("bias", "coo")])
+def test_linear_rejects_sparse_tensors(which, layout):
+    """A kernel cannot read sparse storage: the error names the argument and its layout."""
+    args = {"input": torch.randn(4, 6), "weight": torch.randn(3, 6), "bias": torch.randn(3)}
+    dense = args[which]
+    args[which] = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    expected = f"{which}: expected a dense \\(strided\\) tensor, got layout torch.sparse_{layout}"
+    for backend in brainkern.available_backends():
+        with brainkern.use_backend(backend), pytest.raises(TypeError, match=expected):
+            brainkern.functional.linear(args["input"], args["weight"], args["bias"])
+    if which == "input":
+        with pytest.raises(TypeError, match=expected):
+            bnn.Linear(6, 3)(args["input"])
