@@ -275,4 +275,6 @@ double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds) {
   return total / elapsed / 1e9;
 }
 
+#include "conv_dispatch.inc"
+
 }  // namespace bk

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common.h"
+#include "conv.h"
 
 namespace bk {
 
@@ -36,3 +37,20 @@ void linear_backward(const IsaKernels& isa, const LinearBackwardArgs& g, int thr
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
 
 }  // namespace bk
+// The convolution family (brainkern/kernels/__init__.py's contract; geometry in conv.h), on up
+// to `threads` threads. x, w, bias, out, pre: float32 in the layouts ConvGeometry describes;
+// bias and pre may be null. out must not alias an input.
+void conv2d_forward(const IsaKernels& isa, const ConvGeometry& c, const float* x,
+                    const float* w, const float* bias, float* out, float* pre, int act,
+                    float act_param, int threads);
+// x has the convolution's output shape, out its input shape.
+void conv_transpose2d_forward(const IsaKernels& isa, const ConvGeometry& c, const float* x,
+                              const float* w, const float* bias, float* out, float* pre,
+                              int act, float act_param, int threads);
+// grad_w (c_out, c_in / groups, kh, kw) = the sum over pixels of grad_pre x cols; the same
+// result on any number of threads.
+void conv2d_backward_weight(const IsaKernels& isa, const ConvGeometry& c, const float* grad_pre,
+                            const float* x, float* grad_w, int threads);
+void conv2d_activation_backward(const IsaKernels& isa, const ConvActBackwardArgs& a,
+                                int threads);
+

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "conv.h"
 
 namespace bk_avx2 {
 
@@ -23,5 +24,6 @@ constexpr const char* kName = "avx2";
 #include "vec_math.inc"
 #include "act_backward.inc"
 #include "gemm.inc"
+#include "conv.inc"
 
 }  // namespace bk_avx2

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "conv.h"
 
 namespace bk_avx512 {
 
@@ -22,5 +23,6 @@ constexpr const char* kName = "avx512";
 #include "vec_math.inc"
 #include "act_backward.inc"
 #include "gemm.inc"
+#include "conv.inc"
 
 }  // namespace bk_avx512

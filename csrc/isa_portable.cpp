@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "conv.h"
 
 namespace bk_portable {
 
@@ -25,5 +26,6 @@ constexpr const char* kName = "portable";
 #include "vec_math.inc"
 #include "act_backward.inc"
 #include "gemm.inc"
+#include "conv.inc"
 
 }  // namespace bk_portable

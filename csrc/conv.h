@@ -1,0 +1,72 @@
+// The convolution family's shared structs: the geometry every conv kernel reads, and the table
+// of conv pieces each ISA translation unit exports (conv.inc). Plain structs and declarations
+// only, for the reason common.h gives.
+#pragma once
+
+#include <cstdint>
+
+namespace bk {
+
+// A 2-D convolution from `in` (n, c_in, h, w) to `out` (n, c_out, h_out, w_out) with weight
+// (c_out, c_in / groups, kh, kw); both activation tensors contiguous as NCHW, or as NHWC when
+// nhwc. A transposed convolution is described by the convolution it is the adjoint of: its
+// input has `out`'s shape here and its output `in`'s. Output pixel (oh, ow) reads input
+// (oh * sh - ph + i * dh, ow * sw - pw + j * dw) for tap (i, j); reads outside are zeros.
+struct ConvGeometry {
+  int64_t n, c_in, h, w;
+  int64_t c_out, h_out, w_out;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t groups;
+  bool nhwc;
+};
+
+// The pieces of the convolutions that run per ISA; the drivers (conv_dispatch.inc) cut the work
+// into chunks of output pixels and call these and the GEMM on them.
+struct ConvKernels {
+  // NCHW: cols[k * rows + r] for k = (ci, i, j) of group g (weight's own order) and output
+  // pixel p0 + r of image `image` (r < rows, p0 + rows <= h_out * w_out): the input tap, or 0.
+  void (*im2col_nchw)(const ConvGeometry& c, const float* in, int64_t image, int64_t g,
+                      int64_t p0, int64_t rows, float* cols);
+  // NHWC: cols[r * K + (i * kw + j) * cin_g + ci] for output pixel m0 + r of the whole batch
+  // (pixels numbered image-major), group g.
+  void (*im2col_nhwc)(const ConvGeometry& c, const float* in, int64_t g, int64_t m0,
+                      int64_t rows, float* cols);
+  // The adjoints of the two above: every cols element is added to the input tap it was read
+  // from (taps outside are dropped). `in` is the whole input tensor.
+  void (*col2im_nchw)(const ConvGeometry& c, const float* cols, int64_t image, int64_t g,
+                      int64_t p0, int64_t rows, float* in);
+  void (*col2im_nhwc)(const ConvGeometry& c, const float* cols, int64_t g, int64_t m0,
+                      int64_t rows, float* in);
+  // z = v[r, j] + bias (bias[r] when bias_per_row, else bias[j]; none when null); pre[r, j] = z
+  // when pre is not null; v[r, j] = act(z). v and pre: rows x cols with row strides ldv, ldp.
+  void (*bias_act)(float* v, int64_t ldv, float* pre, int64_t ldp, int64_t rows, int64_t cols,
+                   const float* bias, bool bias_per_row, int act, float act_param);
+  // Direct convolution for groups whose every output channel reads one input channel
+  // (depthwise, with any channel multiplier): images [n0, n1) of out (and pre), bias and
+  // activation applied. No GEMM: a reduction of kh * kw cannot fill a register tile.
+  void (*depthwise_forward)(const ConvGeometry& c, const float* in, const float* weight,
+                            const float* bias, float* out, float* pre, int act, float act_param,
+                            int64_t n0, int64_t n1);
+};
+
+// conv2d_activation_backward's arguments: grad_pre = grad_out * act'(saved), and grad_bias[c]
+// = the sum of grad_pre over (n, h, w) when grad_bias is not null.
+//   grad_out: (n, c, h, w), element at n * s_n + c * s_c + h * s_h + w * s_w.
+//   saved, grad_pre: contiguous, NCHW or NHWC (nhwc). act: not kNone.
+struct ConvActBackwardArgs {
+  const float* grad_out;
+  int64_t s_n, s_c, s_h, s_w;
+  const float* saved;
+  float* grad_pre;
+  float* grad_bias;
+  int64_t n, c, h, w;
+  bool nhwc;
+  int act;
+  float act_param;
+};
+
+}  // namespace bk
+
+namespace bk_avx512 { const bk::ConvKernels& conv_kernels(); }
+namespace bk_avx2 { const bk::ConvKernels& conv_kernels(); }
+namespace bk_portable { const bk::ConvKernels& conv_kernels(); }
