@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from brainkern import backends
+from brainkern.ops import _dispatch
 from brainkern.ops._checks import check_tensor
 from brainkern.ops.conv import memory_format, pair
 
@@ -68,60 +68,201 @@ def _empty_out(x, out_hw, fmt, dtype=None):
 
 
 def _needs_grad(x):
-    return torch.is_grad_enabled() and x.requires_grad
+    return _dispatch.grad_enabled() and x.requires_grad
+
+
+def _max_forward(kern, x, args, out_hw, fmt, with_indices=True):
+    out = _empty_out(x, out_hw, fmt)
+    indices = _empty_out(x, out_hw, fmt, torch.int64) if with_indices else None
+    kern.max_pool2d_forward(x, out, indices, *args)
+    return out, indices
+
+
+def _max_backward(kern, grad_out, indices, x_shape, fmt):
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    grad_x = torch.empty(x_shape, dtype=grad_out.dtype, device=grad_out.device,
+                         memory_format=fmt)
+    kern.max_pool2d_backward(grad_out, indices, grad_x)
+    return grad_x
+
+
+def _avg_forward(kern, x, args, out_hw, fmt):
+    """args: avg_pool2d's (kernel, stride, padding, count_include_pad, divisor), or () for
+    adaptive_avg_pool2d's windows."""
+    out = _empty_out(x, out_hw, fmt)
+    if args:
+        kern.avg_pool2d_forward(x, out, *args)
+    else:
+        kern.adaptive_avg_pool2d_forward(x, out)
+    return out
+
+
+def _avg_backward(kern, grad_out, args, x_shape, fmt):
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    grad_x = torch.empty(x_shape, dtype=grad_out.dtype, device=grad_out.device,
+                         memory_format=fmt)
+    if args:
+        kern.avg_pool2d_backward(grad_out, grad_x, *args)
+    else:
+        kern.adaptive_avg_pool2d_backward(grad_out, grad_x)
+    return grad_x
 
 
 class MaxPool2d(torch.autograd.Function):
     """``y = max over each window``. Backward: ``dx`` = the sum of dy over the windows whose
     maximum each element was, scattered through the indices the forward saved (a kernel, not
-    atomics, so the result is the same on any thread count)."""
+    atomics, so the result is the same on any thread count). Backward is linear in dy, so
+    create_graph needs nothing more: the gradient of the gradient is this op again."""
 
     @staticmethod
-    def forward(ctx, x, kern, args, fmt):
-        out = _empty_out(x, args[-1], fmt)
-        indices = _empty_out(x, args[-1], fmt, torch.int64)
-        kern.max_pool2d_forward(x, out, indices, *args[:-1])
-        ctx.kern, ctx.fmt = kern, fmt
+    def forward(ctx, x, kern, args, out_hw, fmt):
+        out, indices = _max_forward(kern, x, args, out_hw, fmt)
+        ctx.kern, ctx.fmt, ctx.x_shape = kern, fmt, x.shape
         ctx.save_for_backward(indices)
-        ctx.x_shape = x.shape
         ctx.mark_non_differentiable(indices)
         return out, indices
 
     @staticmethod
     def backward(ctx, grad_out, _grad_indices):
         (indices,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous(memory_format=ctx.fmt)
-        grad_x = torch.empty(ctx.x_shape, dtype=grad_out.dtype, device=grad_out.device,
-                             memory_format=ctx.fmt)
-        ctx.kern.max_pool2d_backward(grad_out, indices, grad_x)
-        return grad_x, None, None, None
+        return _max_backward(ctx.kern, grad_out, indices, ctx.x_shape, ctx.fmt), None, None, \
+            None, None
 
 
 class AvgPool2d(torch.autograd.Function):
     """``y = sum over each window / its divisor``; backward spreads dy / divisor over each
-    window's taps (the adjoint), in the forward's memory format. ``adaptive`` windows are
-    torch's adaptive_avg_pool2d's (args is then empty)."""
+    window's taps (the adjoint), in the forward's memory format."""
 
     @staticmethod
     def forward(ctx, x, kern, args, out_hw, fmt):
-        out = _empty_out(x, out_hw, fmt)
-        if args:
-            kern.avg_pool2d_forward(x, out, *args)
-        else:
-            kern.adaptive_avg_pool2d_forward(x, out)
         ctx.kern, ctx.args, ctx.fmt, ctx.x_shape = kern, args, fmt, x.shape
-        return out
+        return _avg_forward(kern, x, args, out_hw, fmt)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_out = grad_out.contiguous(memory_format=ctx.fmt)
-        grad_x = torch.empty(ctx.x_shape, dtype=grad_out.dtype, device=grad_out.device,
-                             memory_format=ctx.fmt)
-        if ctx.args:
-            ctx.kern.avg_pool2d_backward(grad_out, grad_x, *ctx.args)
-        else:
-            ctx.kern.adaptive_avg_pool2d_backward(grad_out, grad_x)
-        return grad_x, None, None, None, None
+        return _avg_backward(ctx.kern, grad_out, ctx.args, ctx.x_shape, ctx.fmt), None, None, \
+            None, None
+
+
+# The registered ops: what torch.compile and torch.export see (and meta tensors run).
+
+def _fmt(channels_last):
+    return _CHANNELS_LAST if channels_last else torch.contiguous_format
+
+
+def _max_op_forward(kern, x, kernel, stride, padding, dilation, out_hw, channels_last):
+    fmt = _fmt(channels_last)
+    args = (tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+    return _max_forward(kern, x.contiguous(memory_format=fmt), args, tuple(out_hw), fmt)
+
+
+def _max_op_fake(x, kernel, stride, padding, dilation, out_hw, channels_last):
+    fmt = _fmt(channels_last)
+    return _empty_out(x, out_hw, fmt), _empty_out(x, out_hw, fmt, torch.int64)
+
+
+_max_op = _dispatch.define(
+    "max_pool2d", "(str backend, Tensor x, int[] kernel_size, int[] stride, int[] padding, "
+    "int[] dilation, int[] out_hw, bool channels_last) -> (Tensor, Tensor)",
+    family="pool", impl=_max_op_forward, fake=_max_op_fake)
+
+
+def _max_backward_impl(kern, grad_out, indices, x_shape, channels_last):
+    return _max_backward(kern, grad_out, indices, x_shape, _fmt(channels_last))
+
+
+def _max_backward_fake(grad_out, indices, x_shape, channels_last):
+    return grad_out.new_empty(x_shape).contiguous(memory_format=_fmt(channels_last))
+
+
+_max_backward_op = _dispatch.define(
+    "max_pool2d_backward", "(str backend, Tensor grad_out, Tensor indices, int[] x_shape, "
+    "bool channels_last) -> Tensor", family="pool", impl=_max_backward_impl,
+    fake=_max_backward_fake)
+
+
+def _max_setup_context(ctx, inputs, output):
+    ctx.backend, x, ctx.channels_last = inputs[0], inputs[1], inputs[-1]
+    ctx.x_shape = list(x.shape)
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_op_autograd(ctx, grad_out, _grad_indices):
+    (indices,) = ctx.saved_tensors
+    grad_x = _max_backward_op(ctx.backend, grad_out, indices, ctx.x_shape, ctx.channels_last)
+    return None, grad_x, None, None, None, None, None, None
+
+
+torch.library.register_autograd(_max_op, _max_op_autograd, setup_context=_max_setup_context)
+
+# avg_pool2d and adaptive_avg_pool2d: one op, adaptive when kernel_size is empty.
+_AVG_PARAMS = ("int[] kernel_size, int[] stride, int[] padding, bool count_include_pad, "
+               "int divisor, int[] out_hw, bool channels_last")
+
+
+def _avg_args(kernel, stride, padding, count_include_pad, divisor):
+    if not kernel:
+        return ()
+    return tuple(kernel), tuple(stride), tuple(padding), count_include_pad, divisor
+
+
+def _avg_op_forward(kern, x, *params):
+    fmt = _fmt(params[-1])
+    return _avg_forward(kern, x.contiguous(memory_format=fmt), _avg_args(*params[:5]),
+                        tuple(params[5]), fmt)
+
+
+def _avg_op_fake(x, *params):
+    return _empty_out(x, params[5], _fmt(params[-1]))
+
+
+_avg_op = _dispatch.define(
+    "avg_pool2d", f"(str backend, Tensor x, {_AVG_PARAMS}) -> Tensor",
+    family="pool", impl=_avg_op_forward, fake=_avg_op_fake)
+
+
+def _avg_backward_impl(kern, grad_out, x_shape, *params):
+    return _avg_backward(kern, grad_out, _avg_args(*params[:5]), x_shape, _fmt(params[-1]))
+
+
+def _avg_backward_fake(grad_out, x_shape, *params):
+    return grad_out.new_empty(x_shape).contiguous(memory_format=_fmt(params[-1]))
+
+
+_avg_backward_op = _dispatch.define(
+    "avg_pool2d_backward", f"(str backend, Tensor grad_out, int[] x_shape, {_AVG_PARAMS}) -> "
+    "Tensor", family="pool", impl=_avg_backward_impl, fake=_avg_backward_fake)
+
+
+def _avg_setup_context(ctx, inputs, output):
+    ctx.backend, x, *ctx.params = inputs
+    ctx.x_shape = list(x.shape)
+
+
+def _avg_op_autograd(ctx, grad_out):
+    grad_x = _avg_backward_op(ctx.backend, grad_out, ctx.x_shape, *ctx.params)
+    return (None, grad_x, *(None,) * len(ctx.params))
+
+
+torch.library.register_autograd(_avg_op, _avg_op_autograd, setup_context=_avg_setup_context)
+
+
+def _kernels_or_graph(x):
+    """The pool kernel module for eager calls, or None: run the registered op (in a graph, or
+    on meta tensors, whose shapes its fake implementation gives)."""
+    if _dispatch.in_graph():
+        return None
+    try:
+        return _dispatch.kernels_for("pool", x.device, x.dtype)
+    except RuntimeError:
+        if x.device.type != "meta":
+            raise
+        return None
+
+
+def _backend(x):
+    return _dispatch.graph_backend("pool", x.device, x.dtype)
 
 
 def _squeeze(t, unbatched):
@@ -134,13 +275,14 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     (flat ``h * W + w`` in each plane, usable by max_unpool2d)."""
     *args, out_hw = _window_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     x, fmt, unbatched = _prepare(input)
-    kern = backends.kernels_for("pool", x.device, x.dtype)
-    if _needs_grad(x):
-        out, indices = MaxPool2d.apply(x, kern, (*args, out_hw), fmt)
+    kern = _kernels_or_graph(x)
+    if kern is None:
+        out, indices = _max_op(_backend(x), x, *(list(a) for a in args), list(out_hw),
+                               fmt is _CHANNELS_LAST)
+    elif _needs_grad(x):
+        out, indices = MaxPool2d.apply(x, kern, tuple(args), out_hw, fmt)
     else:
-        out = _empty_out(x, out_hw, fmt)
-        indices = _empty_out(x, out_hw, fmt, torch.int64) if return_indices else None
-        kern.max_pool2d_forward(x, out, indices, *args)
+        out, indices = _max_forward(kern, x, args, out_hw, fmt, return_indices)
     if return_indices:
         return _squeeze(out, unbatched), _squeeze(indices, unbatched)
     return _squeeze(out, unbatched)
@@ -173,13 +315,13 @@ def adaptive_avg_pool2d(input, output_size):
 
 def _avg(input, args, out_hw):
     x, fmt, unbatched = _prepare(input)
-    kern = backends.kernels_for("pool", x.device, x.dtype)
-    if _needs_grad(x):
+    kern = _kernels_or_graph(x)
+    if kern is None:
+        kernel, stride, padding, include_pad, divisor = args or ((), (), (), False, 0)
+        out = _avg_op(_backend(x), x, list(kernel), list(stride), list(padding), include_pad,
+                      divisor, list(out_hw), fmt is _CHANNELS_LAST)
+    elif _needs_grad(x):
         out = AvgPool2d.apply(x, kern, args, out_hw, fmt)
     else:
-        out = _empty_out(x, out_hw, fmt)
-        if args:
-            kern.avg_pool2d_forward(x, out, *args)
-        else:
-            kern.adaptive_avg_pool2d_forward(x, out)
+        out = _avg_forward(kern, x, args, out_hw, fmt)
     return _squeeze(out, unbatched)
