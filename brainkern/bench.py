@@ -143,8 +143,31 @@ def bench_square(sizes, results: list[Result]) -> None:
             _record(results, f"gemm {n}^3 {mode}", flops, impls)
 
 
+def _compiled_impls(ours, torch_model, x, mode) -> dict[str, Impl]:
+    """torch.compile (Inductor) of torch's model, and of brainkern's on each CPU backend.
+
+    A compiled brainkern model keeps the backend it was traced with (the first call, made in
+    _calibrate inside the Impl's use_backend), so each backend compiles its own copy.
+    """
+    impls = {"torch.compile": Impl(functools.partial(
+        _train_step, torch.compile(torch_model), x, _identity, mode))}
+    for name in cpu_backends():
+        compiled = torch.compile(copy.deepcopy(ours))
+        impls[f"{name} compiled"] = Impl(
+            functools.partial(_train_step, compiled, x, _identity, mode), name)
+    return impls
+
+
+def _record_with_compiled(results, case, flops, impls, ours, torch_model, x, mode) -> None:
+    # Dynamo recompiles a code object at most 8 times, then runs it eagerly; every layer here
+    # shares nn.Linear's forward, so each case starts from an empty cache.
+    torch._dynamo.reset()
+    _record(results, case, flops, {**impls, **_compiled_impls(ours, torch_model, x, mode)})
+
+
 def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 10, None))) -> None:
-    """The MLP's layers (Linear + bias + activation), forward and forward+backward."""
+    """The MLP's layers (Linear + bias + activation), forward and forward+backward, eager and
+    under torch.compile."""
     for batch in batches:
         for k, n, act in layers:
             x = torch.randn(batch, k, requires_grad=True)
@@ -152,6 +175,7 @@ def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 
             ours = bnn.Linear(k, n, activation=act)
             ours.load_state_dict(torch_layer.state_dict())
             torch_act = torch.relu if act == "relu" else _identity
+            torch_model = torch.nn.Sequential(torch_layer, *([_TORCH_ACTIVATIONS[act]()] if act else []))
             label = f"linear {batch}x{k}->{n}" + (f"+{act}" if act else "")
             fwd_flops = 2.0 * batch * k * n
             # forward+backward: dX and dW are two more GEMMs of the same size.
@@ -163,7 +187,8 @@ def bench_mlp(batches, results: list[Result], layers=((784, 128, "relu"), (128, 
                 if mode == "fwd" and torch.backends.mkldnn.is_available():
                     impls["oneDNN"] = Impl(_onednn_linear(
                         x.detach(), torch_layer.weight.detach(), torch_layer.bias.detach()))
-                _record(results, f"{label} {mode}", flops, impls)
+                _record_with_compiled(results, f"{label} {mode}", flops, impls, ours, torch_model,
+                                      x, mode)
         bench_mlp_model(batch, layers, results)
 
 
@@ -172,7 +197,8 @@ _TORCH_ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": t
 
 
 def bench_mlp_model(batch, layers, results: list[Result]) -> None:
-    """The whole MLP (the layers as one nn.Sequential), torch's against brainkern.accelerate's."""
+    """The whole MLP (the layers as one nn.Sequential), torch's against brainkern.accelerate's,
+    eager and under torch.compile."""
     modules = []
     for k, n, act in layers:
         modules.append(torch.nn.Linear(k, n))
@@ -187,7 +213,7 @@ def bench_mlp_model(batch, layers, results: list[Result]) -> None:
         step = functools.partial(_train_step, ours, x, _identity, mode)
         impls = {name: Impl(step, name) for name in cpu_backends()}
         impls["torch eager"] = Impl(functools.partial(_train_step, torch_model, x, _identity, mode))
-        _record(results, f"{label} {mode}", flops, impls)
+        _record_with_compiled(results, f"{label} {mode}", flops, impls, ours, torch_model, x, mode)
 
 
 def format_table(results: list[Result], peak: float | None) -> str:
