@@ -11,7 +11,7 @@ import torch
 
 from brainkern.ops import _dispatch
 from brainkern.ops._checks import check_tensor
-from brainkern.ops.conv import memory_format, pair
+from brainkern.ops._conv_geometry import memory_format, pair
 
 _CHANNELS_LAST = torch.channels_last
 
