@@ -16,12 +16,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from brainkern.activations import saves_output
 from brainkern.kernels.numba import _runtime, _simd
 from brainkern.kernels.numba._conv_gemm import strides
 from brainkern.kernels.numba.linear import (
-    _NUMPY_DTYPE, _PARALLEL_MIN_ELEMENTS, _PARALLEL_MIN_FMAS, FASTMATH, _cdiv, _derivative, _flat,
+    _NUMPY_DTYPE,
+    _PARALLEL_MIN_ELEMENTS,
+    _PARALLEL_MIN_FMAS,
+    FASTMATH,
+    _cdiv,
+    _derivative,
+    _flat,
 )
-from brainkern.activations import saves_output
 
 _KC = 128  # pixels per packed block: a (mr + nr) x 128 pair of panels stays in L1/L2
 _CHUNK_PIXELS = 2048  # at least this many pixels per partial gradient ...
@@ -60,6 +66,10 @@ def _weight_chunk(chunk, x, grad, partial, geom, mr, nr):
     b_pack = np.empty(col_panels * nr * _KC, dtype=x.dtype)
     x_pix, ih0, iw0, g_pix = (np.empty(_KC, np.int64), np.empty(_KC, np.int64),
                               np.empty(_KC, np.int64), np.empty(_KC, np.int64))
+    col_dh, col_dw, col_c = np.empty(cols, np.int64), np.empty(cols, np.int64), np.empty(cols, np.int64)
+    for col in range(cols):
+        tap, ci = col // cg_in, col % cg_in
+        col_dh[col], col_dw[col], col_c[col] = (tap // kw_size) * dh, (tap % kw_size) * dw, ci * sxc
     for p0 in range(first, last, _KC):
         steps = min(_KC, last - p0)
         for k in range(steps):
@@ -81,19 +91,18 @@ def _weight_chunk(chunk, x, grad, partial, geom, mr, nr):
                     else:
                         for k in range(steps):
                             a_pack[base + k * mr] = 0.0
-            # B: nr patch columns per pixel; col = tap*cg_in + ci lives in panel col // nr.
-            for kh in range(kh_size):
-                for kw in range(kw_size):
-                    col0 = (kh * kw_size + kw) * cg_in
-                    for k in range(steps):
-                        ih, iw = ih0[k] + kh * dh, iw0[k] + kw * dw
+            # B: nr patch columns per pixel, col = tap*cg_in + ci (offsets from col_*).
+            x_group = g * cg_in * sxc
+            for q in range(col_panels):
+                lanes = min(nr, cols - q * nr)
+                for k in range(steps):
+                    dst = b_pack[(q * steps + k) * nr:(q * steps + k) * nr + lanes]
+                    x_k = x_pix[k] + x_group
+                    for lane in range(lanes):
+                        col = q * nr + lane
+                        ih, iw = ih0[k] + col_dh[col], iw0[k] + col_dw[col]
                         inside = ih >= 0 and ih < h and iw >= 0 and iw < w
-                        src = x_pix[k] + g * cg_in * sxc + ih * sxh + iw * sxw
-                        for ci in range(cg_in):
-                            col = col0 + ci
-                            q = col // nr
-                            dst = (q * steps + k) * nr + col - q * nr
-                            b_pack[dst] = x[src + ci * sxc] if inside else 0.0
+                        dst[lane] = x[x_k + ih * sxh + iw * sxw + col_c[col]] if inside else 0.0
             for q in range(col_panels):
                 for p in range(co_panels):
                     t0 = ((g * co_panels + p) * col_panels + q) * tile_size
@@ -168,10 +177,9 @@ def conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, 
 @njit(cache=True, fastmath=FASTMATH)
 def _activation_block(block, g, gs, saved, ss, grad_pre, ps, shape, rows_per_block, code, param,
                       sums, has_sums):
-    """Rows ``[r0, r0 + rows_per_block)`` (r0 = block*rows_per_block) of every image... of one
-    image: block b covers image ``b // row_blocks`` rows of its own; ``grad_pre = g *
-    act'(saved)`` there, and with has_sums ``sums[block*C + c]`` = the block's float64 channel
-    sums of the stored grad_pre.
+    """Block ``block``: rows ``[h0, h0 + rows_per_block)`` of image ``block // row_blocks``
+    (row_blocks = ceil(H / rows_per_block)), all channels: ``grad_pre = g * act'(saved)`` there,
+    and with has_sums ``sums[block*C + c]`` = the block's float64 channel sums of grad_pre.
 
     g, saved, grad_pre: flat, element (n, c, h, w) at ``n*s[0] + c*s[1] + h*s[2] + w*s[3]`` for
     their strides gs, ss, ps. shape: (N, C, H, W). Loops follow grad_pre's memory order.

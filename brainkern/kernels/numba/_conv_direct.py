@@ -16,8 +16,29 @@ import numpy as np
 from numba import njit, prange
 
 from brainkern.kernels.numba._conv_gemm import (
-    G_CG_OUT, G_GROUPS, G_H, G_HG, G_ISTEP_H, G_ISTEP_W, G_KW, G_OH0, G_OSTEP_H, G_OSTEP_W,
-    G_OW0, G_SOC, G_SOH, G_SON, G_SOW, G_SXC, G_SXH, G_SXN, G_SXW, G_W, G_WG, _activate, _store,
+    G_CG_OUT,
+    G_GROUPS,
+    G_H,
+    G_HG,
+    G_ISTEP_H,
+    G_ISTEP_W,
+    G_KW,
+    G_OH0,
+    G_OSTEP_H,
+    G_OSTEP_W,
+    G_OW0,
+    G_SOC,
+    G_SOH,
+    G_SON,
+    G_SOW,
+    G_SXC,
+    G_SXH,
+    G_SXN,
+    G_SXW,
+    G_W,
+    G_WG,
+    _activate,
+    _store,
 )
 from brainkern.kernels.numba.linear import FASTMATH
 
@@ -68,8 +89,12 @@ def depthwise_rows(first, last, x, weight, taps_h, taps_w, bias, has_bias, out, 
                             for co in range(c_out):
                                 a[co] += w_tap[co] * xs[co]
                         else:
-                            for co in range(c_out):
-                                a[co] += w_tap[co] * x[x_pix + co // multiplier]
+                            for ci in range(c_in):
+                                xv = x[x_pix + ci]
+                                a_ci = a[ci * multiplier:(ci + 1) * multiplier]
+                                w_ci = w_tap[ci * multiplier:(ci + 1) * multiplier]
+                                for e in range(multiplier):
+                                    a_ci[e] += w_ci[e] * xv
                 else:
                     for co in range(c_out):
                         wv = weight[co * kernel_area + tap]

@@ -80,10 +80,10 @@ def pack_weight(weight, geom, tap_kh, tap_kw, width, dst):
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _pack_patches(x, x_base, sxc, sxh, sxw, h, w, cg_in, tap_dh, tap_dw, ih0, iw0, count, width,
-                  src, dst):
+                  src, run_start, dst):
     """dst[(t*cg_in + ci)*width + p] = x[x_base + ci*sxc + ih*sxh + iw*sxw] (0 outside x) with
     ``ih = ih0[p] + tap_dh[t]``, ``iw = iw0[p] + tap_dw[t]`` for the ``count`` valid pixels p;
-    columns past ``count`` are zeros. src: (width,) int64 scratch."""
+    columns past ``count`` are zeros. src, run_start: (width,), (width + 1,) int64 scratch."""
     for t in range(tap_dh.shape[0]):
         for p in range(width):
             ih, iw = ih0[p] + tap_dh[t], iw0[p] + tap_dw[t]
@@ -101,12 +101,33 @@ def _pack_patches(x, x_base, sxc, sxh, sxw, h, w, cg_in, tap_dh, tap_dw, ih0, iw
                     for ci in range(cg_in):
                         dst[k0 + ci * width] = run[ci]
         else:  # NCHW: for one channel, neighbouring pixels are neighbours in x
+            # Runs of pixels whose sources are consecutive in x (or all outside it) are copied
+            # (or zeroed) as slices: vector moves instead of a gather per element.
+            runs = 0
+            for p in range(width):
+                if p == 0 or not ((src[p] < 0 and src[p - 1] < 0)
+                                  or (src[p] >= 0 and src[p - 1] >= 0
+                                      and src[p] == src[p - 1] + sxw)):
+                    run_start[runs] = p
+                    runs += 1
+            run_start[runs] = width
             for ci in range(cg_in):
-                row = dst[(t * cg_in + ci) * width:(t * cg_in + ci + 1) * width]
+                row = (t * cg_in + ci) * width
                 offset = ci * sxc
-                for p in range(width):
-                    s = src[p]
-                    row[p] = x[s + offset] if s >= 0 else 0.0
+                for r in range(runs):
+                    p0, p1 = run_start[r], run_start[r + 1]
+                    s = src[p0]
+                    dst_run = dst[row + p0:row + p1]
+                    if s < 0:
+                        for e in range(p1 - p0):
+                            dst_run[e] = 0.0
+                    elif sxw == 1:
+                        src_run = x[s + offset:s + offset + p1 - p0]
+                        for e in range(p1 - p0):
+                            dst_run[e] = src_run[e]
+                    else:
+                        for e in range(p1 - p0):
+                            dst_run[e] = x[s + offset + e * sxw]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -191,7 +212,7 @@ def forward_items(first, last, x, wpack, tap_dh, tap_dw, bias, has_bias, out, pr
     patches = np.empty(max(k_total, 1) * pw, dtype=out.dtype)
     tile = np.empty(mr * nr, dtype=out.dtype)
     ih0, iw0, pix_off = np.empty(pw, np.int64), np.empty(pw, np.int64), np.empty(pw, np.int64)
-    src, co_off = np.empty(pw, np.int64), np.empty(ww, np.int64)
+    src, co_off, run_start = np.empty(pw, np.int64), np.empty(ww, np.int64), np.empty(pw + 1, np.int64)
     for item in range(first, last):
         panel = item % pixel_panels
         g = (item // pixel_panels) % groups
@@ -205,7 +226,7 @@ def forward_items(first, last, x, wpack, tap_dh, tap_dw, bias, has_bias, out, pr
             ih0[p], iw0[p] = i * istep_h, j * istep_w
             pix_off[p] = n * son + (oh0 + i * ostep_h) * soh + (ow0 + j * ostep_w) * sow
         _pack_patches(x, n * sxn + g * cg_in * sxc, sxc, sxh, sxw, h, w, cg_in, tap_dh, tap_dw,
-                      ih0, iw0, count, pw, src, patches)
+                      ih0, iw0, count, pw, src, run_start, patches)
         for cq in range(co_panels):
             co_first = g * cg_out + cq * ww
             co_count = min(ww, cg_out - cq * ww)

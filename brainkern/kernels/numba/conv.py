@@ -96,7 +96,7 @@ def conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
     """``out = act(conv2d(x, weight) + bias)``, ``pre`` before act (kernels/__init__.py)."""
     if out.numel() == 0:
         return
-    batch, c_in = x.shape[:2]
+    batch = x.shape[0]
     c_out, cg_in, kh_size, kw_size = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     cg_out = c_out // groups
