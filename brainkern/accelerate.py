@@ -60,4 +60,27 @@ def accelerate(model: torch.nn.Module) -> torch.nn.Module:
                 if act is not None:
                     layer.activation = act
                     model._modules[next_name] = torch.nn.Identity()
+        _fuse_max_pools(model)
     return model
+
+
+def _is_max_pool_2x2(module) -> bool:
+    """MaxPool2d(2): 2x2 windows, stride 2, no padding, dilation 1, floor mode, no indices."""
+    if not isinstance(module, torch.nn.MaxPool2d):
+        return False
+    two = (2, (2, 2))
+    return (module.kernel_size in two and module.stride in two and module.padding in (0, (0, 0))
+            and module.dilation in (1, (1, 1)) and not module.ceil_mode
+            and not module.return_indices)
+
+
+def _fuse_max_pools(model: torch.nn.Sequential) -> None:
+    """A Conv2d with its activation fused, then (past the Identity left by that fusion)
+    MaxPool2d(2): the pooling joins the convolution's op (brainkern/ops/conv_block.py)."""
+    children = [(name, m) for name, m in model._modules.items()
+                if not isinstance(m, torch.nn.Identity)]
+    for (_, layer), (next_name, following) in zip(children, children[1:]):
+        if (type(layer) is bnn.Conv2d and layer.activation is not None
+                and not layer.fuses_max_pool and _is_max_pool_2x2(following)):
+            layer.fuses_max_pool = True
+            model._modules[next_name] = torch.nn.Identity()

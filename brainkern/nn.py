@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from brainkern import activations, functional
+from brainkern.ops.conv_block import conv2d_maxpool2d
 
 
 def _activation_repr(activation) -> str:
@@ -40,7 +41,13 @@ class Conv2d(torch.nn.Conv2d):
 
     Non-zero padding modes (reflect, replicate, circular) pad with torch's F.pad first, as
     torch.nn.Conv2d does, and the convolution then runs unpadded.
+
+    ``fuses_max_pool`` (set by brainkern.accelerate when a MaxPool2d(2) follows the layer in an
+    nn.Sequential, whose slot then holds nn.Identity): the layer's output is max-pooled 2x2 in
+    the same op (brainkern/ops/conv_block.py).
     """
+
+    fuses_max_pool = False
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None,
@@ -57,11 +64,13 @@ class Conv2d(torch.nn.Conv2d):
             padding = 0
         else:
             padding = self.padding
-        return functional.conv2d(input, weight, bias, self.stride, padding, self.dilation,
-                                 self.groups, self.activation)
+        op = conv2d_maxpool2d if self.fuses_max_pool else functional.conv2d
+        return op(input, weight, bias, self.stride, padding, self.dilation, self.groups,
+                  self.activation)
 
     def extra_repr(self):
-        return super().extra_repr() + _activation_repr(self.activation)
+        fused = ", fused max_pool2d(2)" if self.fuses_max_pool else ""
+        return super().extra_repr() + _activation_repr(self.activation) + fused
 
 
 class ConvTranspose2d(torch.nn.ConvTranspose2d):

@@ -1,0 +1,143 @@
+"""The fused conv block: ``max_pool2d(act(conv2d(x, W) + b), 2)`` as one op.
+
+Every layer of a classic CNN is this block. Fused, it keeps only the pooled output, the pooling
+indices and (for gelu/silu, whose derivative needs the pre-activation) the pre-activation at the
+winning taps: a quarter of what the unfused sequence keeps, and its backward runs the activation
+derivative on the pooled quarter only.
+
+Backward, with ``g = dL/dy`` on the pooled output and ``i`` the winning taps:
+
+- ``dz_pooled = g * act'(z_i)``: act'(z_i) from the pooled output itself (relu, sigmoid, ... :
+  the winner's activation *is* the pooled value) or from the saved pre-activation at i. The
+  same pass reduces ``db = sum dz_pooled`` (dz is zero off the winners).
+- ``dz = scatter(dz_pooled, i)`` into the convolution's output shape: max_pool2d's backward
+  kernel (deterministic, zeros elsewhere, including rows and columns the floor-mode pooling
+  drops).
+- ``dx`` and ``dW`` exactly as for conv2d (brainkern/ops/conv.py).
+
+A backend may fuse the forward in one kernel, ``conv2d_maxpool2d_forward`` (interface in
+brainkern/kernels/__init__.py); otherwise it is its conv2d and max_pool2d kernels in sequence
+over a scratch output that is not kept. In a graph (torch.compile, export), under torch.func
+transforms and on meta tensors the block is the unfused sequence of brainkern ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from brainkern import activations
+from brainkern.activations import Activation
+from brainkern.ops import _dispatch, conv, pool
+from brainkern.ops._conv_geometry import ConvGeometry, conv2d_geometry, memory_format
+
+_POOL_ARGS = ((2, 2), (2, 2), (0, 0), (1, 1))  # kernel, stride, padding, dilation
+
+
+def _forward(conv_kern, pool_kern, x, weight, bias, geometry: ConvGeometry, act, fmt):
+    """(pooled out, indices, saved pre-activation at the winners or None)."""
+    n, c_out = x.shape[0], weight.shape[0]
+    pooled_hw = (geometry.out_hw[0] // 2, geometry.out_hw[1] // 2)
+    out = torch.empty((n, c_out, *pooled_hw), dtype=x.dtype, device=x.device, memory_format=fmt)
+    indices = torch.empty_like(out, dtype=torch.int64)
+    keeps_pre = act is not None and not act.saves_output
+    pre = torch.empty_like(out) if keeps_pre else None
+    code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
+    fused = getattr(conv_kern, "conv2d_maxpool2d_forward", None)
+    if fused is not None:
+        fused(x, weight, bias, out, indices, pre, *geometry.kernel_args, code, param)
+        return out, indices, pre
+    full = torch.empty((n, c_out, *geometry.out_hw), dtype=x.dtype, device=x.device,
+                       memory_format=fmt)
+    full_pre = torch.empty_like(full) if keeps_pre else None
+    conv_kern.conv2d_forward(x, weight, bias, full, full_pre, *geometry.kernel_args, code, param)
+    pool_kern.max_pool2d_forward(full, out, indices, *_POOL_ARGS)
+    if keeps_pre:
+        planes = full_pre.flatten(2)  # (n, c, h * w) view of either format
+        pre.copy_(planes.gather(2, indices.flatten(2)).view_as(pre))
+    return out, indices, pre
+
+
+def _backward(conv_kern, pool_kern, grad_out, x, weight, out, indices, pre, geometry, act, fmt,
+              needs):
+    need_x, need_w, need_b = needs
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    grad_b = grad_out.new_empty(weight.shape[0]) if need_b else None
+    if act is None:
+        grad_pooled = grad_out
+        if need_b:
+            acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+            grad_b.copy_(grad_out.sum((0, 2, 3), dtype=acc))
+    else:
+        grad_pooled = torch.empty_like(grad_out)
+        saved = out if act.saves_output else pre
+        conv_kern.conv2d_activation_backward(grad_out, saved, grad_pooled, grad_b, act.code,
+                                             act.param, act.saves_output)
+    grad_x = grad_w = None
+    if need_x or need_w:
+        grad_pre = torch.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype,
+                               device=x.device, memory_format=fmt)
+        pool_kern.max_pool2d_backward(grad_pooled, indices, grad_pre)
+        args = geometry.kernel_args
+        if need_x:
+            grad_x = torch.empty_like(x)
+            conv_kern.conv_transpose2d_forward(grad_pre, weight, None, grad_x, None, *args,
+                                               activations.NONE, 0.0)
+        if need_w:
+            grad_w = torch.empty_like(weight)
+            conv_kern.conv2d_backward_weight(grad_pre, x, grad_w, *args)
+    return grad_x, grad_w, grad_b
+
+
+class FusedConvMaxPool(torch.autograd.Function):
+    """The block's eager path; the derivation is in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, act: Activation | None, kerns, fmt):
+        out, indices, pre = _forward(*kerns, x, weight, bias, geometry, act, fmt)
+        ctx.geometry, ctx.act, ctx.kerns, ctx.fmt = geometry, act, kerns, fmt
+        ctx.save_for_backward(x, weight, bias, out, indices, pre)
+        ctx.mark_non_differentiable(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, out, indices, pre = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: differentiate the unfused torch sequence
+            inputs = [t for t, need in zip((x, weight, bias), needs) if need]
+            y = torch.nn.functional.max_pool2d(
+                conv.with_torch_ops(x, weight, bias, ctx.geometry, ctx.act), 2)
+            grads = iter(torch.autograd.grad(y, inputs, grad_out, create_graph=True))
+            grads = tuple(next(grads) if need else None for need in needs)
+        else:
+            grads = _backward(*ctx.kerns, grad_out, x, weight, out, indices, pre, ctx.geometry,
+                              ctx.act, ctx.fmt, needs)
+        return (*grads, None, None, None, None)
+
+
+_apply = _dispatch.c_apply(FusedConvMaxPool)
+
+
+def conv2d_maxpool2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                     activation=None):
+    """``max_pool2d(act(conv2d(input, weight, bias, ...)), 2)`` in one op: what
+    brainkern.accelerate uses for a Conv2d with activation followed by MaxPool2d(2)."""
+    act = activations.resolve(activation)
+    geometry = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups)
+    if (min(geometry.out_hw) < 2 or _dispatch.in_graph() or _dispatch.transforms_active()
+            or input.device.type == "meta" or _dispatch.any_autocast()):
+        return pool.max_pool2d(conv.conv2d(input, weight, bias, stride, padding, dilation,
+                                           groups, act), 2)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    fmt = memory_format(x, weight)
+    x, weight = x.contiguous(memory_format=fmt), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    kerns = (_dispatch.kernels_for("conv", x.device, x.dtype),
+             _dispatch.kernels_for("pool", x.device, x.dtype))
+    if _dispatch.grad_enabled() and (x.requires_grad or weight.requires_grad
+                                     or (bias is not None and bias.requires_grad)):
+        out = _apply(x, weight, bias, geometry, act, kerns, fmt)
+    else:
+        out = _forward(*kerns, x, weight, bias, geometry, act, fmt)[0]
+    return out.squeeze(0) if unbatched else out
