@@ -101,6 +101,17 @@ C_in, C_out, H_out, W_out may be 0 (batch 0: nothing is written but grad_weight,
     same pass, reduced in at least float32, with the same result on any thread count.
     act_code != NONE (without an activation the ops layer sums grad_out itself).
 
+Optionally, a backend fuses the conv block (brainkern/ops/conv_block.py) into one kernel:
+
+``conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
+                           dilation, groups, act_code, act_param) -> None``
+    With ``y = act(conv2d(x, weight) + bias)`` of size (N, C_out, H_c, W_c), conv_hw = (H_c,
+    W_c) >= (2, 2) (y is never stored):
+    out (N, C_out, H_c // 2, W_c // 2) = y max-pooled 2x2 with stride 2 (as
+    max_pool2d_forward, NaN winning, first maximum on ties); indices (int64, out's shape and
+    format) = the winning tap's flat ``h * W_c + w``; pre (out's shape) or None = the
+    pre-activation at the winning tap (for activations whose derivative needs it).
+
 Pooling family (``pool``)
 -------------------------
 

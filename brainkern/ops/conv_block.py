@@ -44,7 +44,8 @@ def _forward(conv_kern, pool_kern, x, weight, bias, geometry: ConvGeometry, act,
     code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
     fused = getattr(conv_kern, "conv2d_maxpool2d_forward", None)
     if fused is not None:
-        fused(x, weight, bias, out, indices, pre, *geometry.kernel_args, code, param)
+        fused(x, weight, bias, out, indices, pre, geometry.out_hw, *geometry.kernel_args, code,
+              param)
         return out, indices, pre
     full = torch.empty((n, c_out, *geometry.out_hw), dtype=x.dtype, device=x.device,
                        memory_format=fmt)
