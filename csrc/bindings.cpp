@@ -121,7 +121,11 @@ void conv_forward_call(Driver driver, const char* fn, uintptr_t x, uintptr_t w, 
   const bk::ConvGeometry c = conv_geometry(fn, shape, nhwc);
   require(act_code >= 0 && act_code < bk::kActivationCount, fn, "unknown activation code");
   require_threads(fn, num_threads);
-  require(x != 0 && w != 0 && out != 0, fn, "x, weight and out must not be null");
+  const int64_t in_size = c.n * c.c_in * c.h * c.w, out_size = c.n * c.c_out * c.h_out * c.w_out;
+  const bool transposed = std::string(fn) != "conv2d_forward";
+  require(x != 0 || (transposed ? out_size : in_size) == 0, fn, "x is null");
+  require(w != 0 || c.c_out * c.c_in == 0, fn, "weight is null");
+  require(out != 0 || (transposed ? in_size : out_size) == 0, fn, "out is null");
   const bk::IsaKernels& kernels = bk::isa_kernels(isa);
   py::gil_scoped_release release;
   driver(kernels, c, reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
@@ -149,7 +153,9 @@ void conv2d_backward_weight(uintptr_t grad_pre, uintptr_t x, uintptr_t grad_w,
   const char* fn = "conv2d_backward_weight";
   const bk::ConvGeometry c = conv_geometry(fn, shape, nhwc);
   require_threads(fn, num_threads);
-  require(grad_pre != 0 && x != 0 && grad_w != 0, fn, "null tensor");
+  require(grad_w != 0 || c.c_out * c.c_in == 0, fn, "grad_w is null");
+  require((grad_pre != 0 && x != 0) || c.n * c.c_in * c.h * c.w * c.c_out * c.h_out * c.w_out == 0,
+          fn, "null tensor");
   const bk::IsaKernels& kernels = bk::isa_kernels(isa);
   py::gil_scoped_release release;
   bk::conv2d_backward_weight(kernels, c, reinterpret_cast<const float*>(grad_pre),
@@ -167,7 +173,9 @@ void conv2d_activation_backward(uintptr_t grad_out, const std::array<int64_t, 4>
   require(act_code > bk::kNone && act_code < bk::kActivationCount, fn,
           "unknown activation code (NONE included: it has no backward here)");
   require_threads(fn, num_threads);
-  require(grad_out != 0 && saved != 0 && grad_pre != 0, fn, "null tensor");
+  require((grad_out != 0 && saved != 0 && grad_pre != 0) ||
+              shape[0] * shape[1] * shape[2] * shape[3] == 0,
+          fn, "null tensor");
   const bk::ConvActBackwardArgs a{
       reinterpret_cast<const float*>(grad_out), strides[0], strides[1], strides[2], strides[3],
       reinterpret_cast<const float*>(saved), reinterpret_cast<float*>(grad_pre),

@@ -1,0 +1,297 @@
+"""The native conv family (brainkern/kernels/native/conv.py over csrc/conv*.inc) at the kernel
+interface, against torch in float64.
+
+The reference convolution pads x explicitly, so that an output larger than torch's own (the
+contract's implied padding after the last row and column, asymmetric "same") is covered; the
+transposed convolution's and the weight gradient's references are that convolution's adjoints,
+taken by float64 autograd. Errors are relative norms against the magnitude rounding is relative
+to (the same computation on |x| and |w|). Every kernel runs on each ISA this CPU has, on
+NaN-poisoned outputs, in NCHW and channels_last, and each call first runs its check_ function.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brainkern import activations as A
+from brainkern.kernels import native
+from brainkern.kernels.native import conv as native_conv
+from helpers import TOLERANCE, assert_close
+
+ISAS = ["avx512", "avx2", "portable"]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, 0.01), (A.LEAKY_RELU, -0.2),
+               (A.SIGMOID, 0.0), (A.TANH, 0.0), (A.GELU, 0.0), (A.GELU_TANH, 0.0), (A.SILU, 0.0)]
+# (n, c_in, c_out, (h, w), (kh, kw), stride, padding, dilation, groups, extra output rows/cols)
+CASES = [
+    (2, 3, 8, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
+    (3, 4, 6, (7, 5), (1, 1), (1, 1), (0, 0), (1, 1), 1, (0, 0)),  # pointwise: a plain GEMM
+    (2, 4, 6, (13, 8), (1, 1), (2, 1), (0, 0), (1, 1), 2, (0, 0)),  # strided 1x1, groups
+    (2, 4, 6, (9, 10), (3, 2), (2, 3), (1, 0), (2, 1), 2, (1, 2)),
+    (2, 5, 5, (8, 9), (3, 3), (1, 1), (1, 1), (1, 1), 5, (0, 0)),  # depthwise
+    (1, 4, 8, (11, 7), (5, 3), (3, 2), (2, 1), (2, 3), 4, (0, 1)),  # depthwise, multiplier 2
+    (2, 1, 32, (12, 12), (5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0)),  # stem
+    (1, 3, 7, (10, 13), (7, 7), (2, 2), (3, 3), (1, 1), 1, (0, 0)),  # RGB stem
+    (2, 6, 4, (9, 9), (2, 2), (2, 2), (0, 0), (3, 3), 1, (2, 0)),
+    (1, 2, 3, (4, 4), (6, 6), (1, 1), (3, 3), (1, 1), 1, (1, 1)),  # kernel larger than x
+    (3, 40, 24, (16, 16), (5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0)),  # K > 256, many chunks
+]
+
+
+def built():
+    assert native.is_built(), f"brainkern._native is not built: {native.why_not_built()}"
+
+
+def runs_here(isa):
+    built()
+    if isa not in native.supported_isas():
+        pytest.skip(f"this CPU does not run {isa} (it runs {', '.join(native.supported_isas())})")
+    return isa
+
+
+def call(name, *args, **kwargs):
+    """A kernel after its argument check, as tests/conftest.py does for the linear family."""
+    getattr(native_conv, f"check_{name}")(*args)
+    getattr(native_conv, name)(*args, **kwargs)
+
+
+def poisoned_like(shape, fmt):
+    return torch.full(shape, float("nan")).contiguous(memory_format=fmt)
+
+
+def reference_conv(x, w, stride, padding, dilation, groups, out_hw):
+    """conv2d in the contract's terms: zero padding (top, left), output size out_hw."""
+    (kh, kw), (sh, sw), (dh, dw) = w.shape[2:], stride, dilation
+    need_h = (out_hw[0] - 1) * sh + (kh - 1) * dh + 1
+    need_w = (out_hw[1] - 1) * sw + (kw - 1) * dw + 1
+    pad_bottom = max(0, need_h - padding[0] - x.shape[2])
+    pad_right = max(0, need_w - padding[1] - x.shape[3])
+    xp = F.pad(x, (padding[1], pad_right, padding[0], pad_bottom))
+    return F.conv2d(xp, w, None, stride, 0, dilation, groups)[:, :, :out_hw[0], :out_hw[1]]
+
+
+def out_size(case):
+    _, _, _, (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), _, (eh, ew) = case
+    return (max(0, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) + eh,
+            max(0, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1) + ew)
+
+
+def activation_reference(z, code, param):
+    if code == A.GELU:  # the erfc form: torch's erf form cancels for z << 0 (test_kernels_native)
+        return 0.5 * z * torch.special.erfc(-z * 0.7071067811865476)
+    return A.Activation("", code, param).forward(z)
+
+
+def inputs(case, n=None):
+    batch, c_in, c_out, (h, w), k, stride, padding, dilation, groups, _ = case
+    x = torch.randn(batch if n is None else n, c_in, h, w)
+    weight = torch.randn(c_out, c_in // groups, *k)
+    return x, weight, torch.randn(c_out), (stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_conv2d_forward(isa, fmt, case):
+    runs_here(isa)
+    x, w, b, params = inputs(case)
+    for bias, code, param in ((b, A.RELU, 0.0), (None, A.NONE, 0.0)):
+        shape = (x.shape[0], w.shape[0], *out_size(case))
+        out, pre = poisoned_like(shape, fmt), poisoned_like(shape, fmt)
+        call("conv2d_forward", x.contiguous(memory_format=fmt), w, bias, out, pre, *params,
+             code, param, isa=isa)
+        z = reference_conv(x.double(), w.double(), *params, shape[2:])
+        scale = reference_conv(x.double().abs(), w.double().abs(), *params, shape[2:])
+        if bias is not None:
+            z, scale = z + bias.double()[:, None, None], scale + bias.double().abs()[:, None, None]
+        assert out.is_contiguous(memory_format=fmt)
+        assert_close(pre, z, torch.float32, what="pre", scale=scale)
+        assert_close(out, activation_reference(z, code, param), torch.float32, what="out",
+                     scale=scale)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("code, param", ACTIVATIONS)
+def test_conv2d_forward_every_activation(fmt, code, param):
+    built()
+    for case in (CASES[3], CASES[4]):  # the GEMM's epilogue (NHWC) or pass (NCHW); depthwise
+        x, w, b, params = inputs(case)
+        shape = (x.shape[0], w.shape[0], *out_size(case))
+        out = poisoned_like(shape, fmt)
+        call("conv2d_forward", x.contiguous(memory_format=fmt), w, b, out, None, *params, code,
+             param)
+        z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
+        scale = (reference_conv(x.double().abs(), w.double().abs(), *params, shape[2:])
+                 + b.double().abs()[:, None, None])
+        assert_close(out, activation_reference(z, code, param), torch.float32, scale=scale)
+
+
+def transpose_reference(x, w, stride, padding, dilation, groups, out_shape):
+    """The adjoint of reference_conv from out_shape to x's shape, by float64 autograd."""
+    target = torch.zeros(out_shape, dtype=torch.float64, requires_grad=True)
+    z = reference_conv(target, w.double(), stride, padding, dilation, groups, x.shape[2:])
+    (grad,) = torch.autograd.grad(z, target, x.double())
+    return grad
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_conv_transpose2d_forward(isa, fmt, case):
+    """Run on a convolution's output-shaped x back to its input's shape: conv2d's input
+    gradient (no bias or activation) and nn.ConvTranspose2d's forward (with them)."""
+    runs_here(isa)
+    _, w, _, params = inputs(case)
+    batch, c_in, c_out, (h, wd) = case[:4]
+    x = torch.randn(batch, c_out, *out_size(case))
+    bias = torch.randn(c_in)
+    out_shape = (batch, c_in, h, wd)
+    for b, code, param in ((None, A.NONE, 0.0), (bias, A.TANH, 0.0)):
+        out, pre = poisoned_like(out_shape, fmt), poisoned_like(out_shape, fmt)
+        call("conv_transpose2d_forward", x.contiguous(memory_format=fmt), w, b, out, pre,
+             *params, code, param, isa=isa)
+        z = transpose_reference(x, w, *params, out_shape)
+        scale = transpose_reference(x.abs(), w.abs(), *params, out_shape)
+        if b is not None:
+            z, scale = z + b.double()[:, None, None], scale + b.double().abs()[:, None, None]
+        assert_close(pre, z, torch.float32, what="pre", scale=scale)
+        assert_close(out, activation_reference(z, code, param), torch.float32, what="out",
+                     scale=scale)
+
+
+def weight_grad_reference(grad, x, w_shape, stride, padding, dilation, groups):
+    weight = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
+    z = reference_conv(x.double(), weight, stride, padding, dilation, groups, grad.shape[2:])
+    (dw,) = torch.autograd.grad(z, weight, grad.double())
+    return dw
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_conv2d_backward_weight(isa, fmt, case):
+    runs_here(isa)
+    x, w, _, params = inputs(case)
+    grad = torch.randn(x.shape[0], w.shape[0], *out_size(case))
+    grad_w = torch.full(w.shape, float("nan"))
+    call("conv2d_backward_weight", grad.contiguous(memory_format=fmt),
+         x.contiguous(memory_format=fmt), grad_w, *params, isa=isa)
+    ref = weight_grad_reference(grad, x, w.shape, *params)
+    scale = weight_grad_reference(grad.abs(), x.abs(), w.shape, *params)
+    assert_close(grad_w, ref, torch.float32, scale=scale)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_weight_gradient_is_the_same_on_any_thread_count(fmt):
+    built()
+    x, w, _, params = inputs(CASES[-1], n=5)  # several chunks, several parts of the sum
+    grad = torch.randn(5, w.shape[0], *out_size(CASES[-1])).contiguous(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    results = []
+    for threads in (1, 2, 3):
+        grad_w = torch.full(w.shape, float("nan"))
+        call("conv2d_backward_weight", grad, x, grad_w, *params, num_threads=threads)
+        results.append(grad_w)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def saved_and_reference(z, code, param):
+    """(saved, d act / d z) for pre-activations z (float64)."""
+    zz = z.clone().requires_grad_(True)
+    y = activation_reference(zz, code, param)
+    (d,) = torch.autograd.grad(y.sum(), zz)
+    return (y if A.saves_output(code, param) else z).float(), d
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("code, param", ACTIVATIONS[1:])
+def test_conv2d_activation_backward(isa, fmt, code, param):
+    runs_here(isa)
+    for shape in ((3, 5, 7, 9), (2, 33, 4, 17), (1, 1, 1, 1)):
+        z = torch.randn(shape, dtype=torch.float64) * 3
+        saved, d = saved_and_reference(z, code, param)
+        saved = saved.contiguous(memory_format=fmt)
+        # grad_out in the other format and as a strided view: any strides are allowed
+        grad_out = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
+        for grad_bias in (torch.full((shape[1],), float("nan")), None):
+            grad_pre = poisoned_like(shape, fmt)
+            call("conv2d_activation_backward", grad_out, saved, grad_pre, grad_bias, code, param,
+                 A.saves_output(code, param), isa=isa)
+            ref = grad_out.double() * d
+            scale = grad_out.double().abs() * d.abs()
+            assert_close(grad_pre, ref, torch.float32, what="grad_pre", scale=scale)
+            if grad_bias is not None:
+                assert_close(grad_bias, ref.sum((0, 2, 3)), torch.float32, what="grad_bias",
+                             scale=scale.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_bias_gradient_is_the_same_on_any_thread_count(fmt):
+    built()
+    shape = (8, 16, 32, 32)
+    saved = torch.randn(shape).relu().contiguous(memory_format=fmt)
+    grad_out = torch.randn(shape).contiguous(memory_format=fmt)
+    sums = []
+    for threads in (1, 2, 3):
+        grad_bias, grad_pre = torch.empty(16), torch.empty_like(saved)
+        call("conv2d_activation_backward", grad_out, saved, grad_pre, grad_bias, A.RELU, 0.0,
+             True, num_threads=threads)
+        sums.append(grad_bias)
+    assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_empty_sizes(fmt):
+    """Batch 0 writes nothing but grad_weight (zeros) and grad_bias (zeros); zero channels."""
+    built()
+    case = CASES[3]
+    x, w, b, params = inputs(case, n=0)
+    shape = (0, w.shape[0], *out_size(case))
+    call("conv2d_forward", x.contiguous(memory_format=fmt), w, b, torch.empty(shape), None,
+         *params, A.RELU, 0.0)
+    grad_w = torch.full(w.shape, float("nan"))
+    call("conv2d_backward_weight", torch.empty(shape).contiguous(memory_format=fmt),
+         x.contiguous(memory_format=fmt), grad_w, *params)
+    assert torch.equal(grad_w, torch.zeros_like(grad_w))
+    grad_bias = torch.full((shape[1],), float("nan"))
+    call("conv2d_activation_backward", torch.empty(shape), torch.empty(shape),
+         torch.empty(shape), grad_bias, A.RELU, 0.0, True)
+    assert torch.equal(grad_bias, torch.zeros_like(grad_bias))
+    # no input channels: act(bias) everywhere
+    x0, w0 = torch.randn(2, 0, 5, 5).contiguous(memory_format=fmt), torch.randn(3, 0, 3, 3)
+    out = poisoned_like((2, 3, 3, 3), fmt)
+    call("conv2d_forward", x0, w0, b[:3], out, None, (1, 1), (0, 0), (1, 1), 1, A.RELU, 0.0)
+    assert torch.equal(out, b[:3].relu()[None, :, None, None].expand(2, 3, 3, 3))
+
+
+def test_checks_name_what_the_core_cannot_run():
+    built()
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 2, 3, 3)
+    out = torch.empty(2, 6, 6, 6)
+    params = ((1, 1), (0, 0), (1, 1), 2)
+    native_conv.check_conv2d_forward(x, w, None, out, None, *params, A.NONE, 0.0)
+    with pytest.raises(TypeError, match="float32"):
+        native_conv.check_conv2d_forward(x.half(), w, None, out, None, *params, A.NONE, 0.0)
+    with pytest.raises(ValueError, match="weight"):
+        native_conv.check_conv2d_forward(x, w[:, :1], None, out, None, *params, A.NONE, 0.0)
+    with pytest.raises(ValueError, match="contiguous NCHW or all channels_last"):
+        native_conv.check_conv2d_forward(x, w, None, out.contiguous(
+            memory_format=torch.channels_last), None, *params, A.NONE, 0.0)
+    with pytest.raises(ValueError, match="out"):
+        native_conv.check_conv2d_forward(x, w, None, out[:, :3].contiguous(), None, *params,
+                                         A.NONE, 0.0)
+    with pytest.raises(ValueError, match="padding"):
+        native_conv.check_conv2d_forward(x, w, None, out, None, (1, 1), (-1, 0), (1, 1), 2,
+                                         A.NONE, 0.0)
+    with pytest.raises(ValueError, match="saves the output"):
+        native_conv.check_conv2d_activation_backward(out, out, out, None, A.RELU, 0.0, False)
+    with pytest.raises(ValueError, match="grad_bias"):
+        native_conv.check_conv2d_activation_backward(out, out, out, torch.empty(5), A.RELU, 0.0,
+                                                     True)
+
+
+def test_family_declares_what_it_serves():
+    assert native_conv.DEVICES == ("cpu",)
+    assert native_conv.DTYPES == (torch.float32, torch.float64)
+    assert TOLERANCE[torch.float32] == 1e-5
