@@ -94,8 +94,8 @@ def test_kernels_leave_torch_thread_count_alone(backend):
 def test_choice_follows_each_call(monkeypatch):
     """The ops memoise the kernels chosen (backends.kernels_for), but each call still follows
     use_backend and BRAINKERN_BACKEND as they are at that moment."""
-    from brainkern.kernels.reference import linear as reference
     from brainkern.kernels.numba import linear as numba_linear
+    from brainkern.kernels.reference import linear as reference
 
     ran = []
     for name, module in (("numba", numba_linear), ("torch", reference)):
