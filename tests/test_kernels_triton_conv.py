@@ -55,7 +55,8 @@ class Layer:
 
 
 # Kernel 1/3/5, stride 1/2, dilation 1/2, groups 1/2/depthwise/multiplier, 1- and 3-channel
-# stems, reductions and channel counts past one tile, non-square everything.
+# stems, reductions and channel counts past one tile, non-square everything; groups of 1-20
+# channels take the flattened (tap, channel) reduction.
 CONV_LAYERS = [
     Layer(2, 3, 9, 7, 5, 3, padding=1),
     Layer(1, 1, 8, 8, 4, 5, padding=2),
@@ -64,6 +65,9 @@ CONV_LAYERS = [
     Layer(2, 6, 7, 9, 4, (3, 5), stride=(2, 1), padding=(0, 2), dilation=(1, 2)),
     Layer(2, 5, 8, 7, 5, 3, padding=1, groups=5),
     Layer(1, 3, 6, 7, 9, 3, stride=2, padding=1, groups=3),
+    # Groups of 16 channels (the interpreter's BLOCK_K): the whole-channel-block loop.
+    Layer(1, 32, 5, 6, 18, 3, padding=1, dilation=(1, 2)),
+    Layer(2, 32, 6, 5, 6, 3, stride=2, padding=1, groups=2),
 ]
 # DCGAN's stride-2 kernel 4 (four phases of two taps each), stride 3 with dilation 2 (tap
 # steps and phases that have no taps), kernel 1 with stride 2 (three phases are bias only).
@@ -74,6 +78,8 @@ TRANSPOSED_LAYERS = [
     Layer(1, 3, 4, 5, 4, 1, stride=2),
     Layer(2, 5, 4, 4, 5, 3, stride=2, padding=1, groups=5),
     Layer(1, 18, 5, 4, 17, 3, padding=1),
+    Layer(1, 16, 4, 3, 17, 4, stride=2, padding=1),
+    Layer(1, 32, 3, 4, 4, 3, stride=2, padding=1, dilation=2, groups=2),
 ]
 
 

@@ -8,13 +8,13 @@ import triton
 import triton.language as tl
 
 from brainkern.kernels.triton._activations import activation_derivative
-from brainkern.kernels.triton._conv_forward import autotune_configs, prune_fp64
+from brainkern.kernels.triton._conv_forward import AUTOTUNE_CONFIGS, prune_configs
 
 
 @triton.autotune(
-    configs=autotune_configs(),
+    configs=AUTOTUNE_CONFIGS,
     key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "CHANNELS_LAST", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": prune_fp64},
+    prune_configs_by={"early_config_prune": prune_configs},
     cache_results=True,
 )
 @triton.jit(do_not_specialize=["M_BUCKET", "N_BUCKET", "K_BUCKET", "CHANNELS_LAST"])
@@ -76,8 +76,12 @@ def conv_weight_grad_kernel(
     taps = offs_n // C_group
     kh = taps // KW
     kw = taps % KW
-    x_cols = x_ptr + (g * C_group + ci) * stride_xc
-    grad_rows = grad_ptr + channels * stride_gc
+    # Rows and columns past the edge wrap around instead of being masked in the loop (the
+    # store skips them); each column's tap offset is added to its pointer once, here.
+    tap_h = kh * dil_h
+    tap_w = kw * dil_w
+    x_cols = x_ptr + (g * C_group + ci) * stride_xc + tap_h * stride_xh + tap_w * stride_xw
+    grad_rows = grad_ptr + (g * C_out_group + offs_m % C_out_group) * stride_gc
 
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
@@ -91,13 +95,14 @@ def conv_weight_grad_kernel(
         ow = pixel % W_out
         a = tl.load(grad_rows[:, None]
                     + (n * stride_gn + oh * stride_gh + ow * stride_gw)[None, :],
-                    mask=mask_m[:, None] & mask_p[None, :], other=0.0)
-        ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
-        iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
-        b_mask = (mask_p[:, None] & mask_n[None, :]
-                  & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        b = tl.load(x_cols[None, :] + (n * stride_xn)[:, None] + ih * stride_xh + iw * stride_xw,
-                    mask=b_mask, other=0.0)
+                    mask=mask_p[None, :], other=0.0)
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        ih = ih0[:, None] + tap_h[None, :]
+        iw = iw0[:, None] + tap_w[None, :]
+        b = tl.load(x_cols[None, :] + (n * stride_xn + ih0 * stride_xh + iw0 * stride_xw)[:, None],
+                    mask=mask_p[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W),
+                    other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     weight_offsets = channels[:, None] * columns + (ci * (KH * KW) + kh * KW + kw)[None, :]

@@ -16,6 +16,7 @@ Both directions are one loop nest. Along each spatial dimension an output index 
   instead of masking three quarters of a dense loop.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -28,16 +29,25 @@ def _config(block_m, block_n, block_k, num_warps, num_stages):
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# fp16/bf16/fp32 tiles (M: output pixels, N: output channels of a group, K: input channels x
-# taps). Checked by tests/test_triton_aot_conv.py: all fit sm_80's shared memory and none spills
-# on sm_80 or sm_90, with the heaviest epilogue. The gathered A tile needs its own index math per
-# element, so 128 x 128 takes 8 warps.
+# Tensor-core tiles (fp16, bf16, fp32 as tf32): M output pixels, N output channels of a group,
+# K input channels x taps. Checked by tests/test_triton_aot_conv.py: all fit sm_80's shared
+# memory and none spills on sm_80 or sm_90 with the heaviest epilogue. Two stages, not linear's
+# four: the gathered A tile's index math and masks take the registers a deeper software
+# pipeline would hold its loads in, and at three stages sm_80 spills.
 CONV_CONFIGS = [
-    _config(128, 128, 32, num_warps=8, num_stages=3),  # large layers
-    _config(128, 64, 32, num_warps=4, num_stages=3),  # many pixels, 64 channels
-    _config(64, 128, 32, num_warps=4, num_stages=3),  # wide layers on small images
-    _config(64, 64, 32, num_warps=4, num_stages=3),  # mid-sized: more programs per SM
-    _config(128, 32, 32, num_warps=4, num_stages=3),  # narrow outputs (RGB heads, 16-32 channels)
+    _config(128, 128, 32, num_warps=8, num_stages=2),  # large layers
+    _config(128, 64, 32, num_warps=4, num_stages=2),  # many pixels, 64 channels
+    _config(64, 128, 32, num_warps=4, num_stages=2),  # wide layers on small images
+    _config(64, 64, 32, num_warps=4, num_stages=2),  # mid-sized: more programs per SM
+    _config(128, 32, 32, num_warps=4, num_stages=2),  # narrow outputs (RGB heads, 16-32 channels)
+]
+# fp32 without TF32 runs tl.dot on CUDA cores, holding each operand tile in registers: 128 x 128
+# spills, and so does any software pipelining; these do not.
+FP32_IEEE_CONFIGS = [
+    _config(128, 64, 32, num_warps=8, num_stages=1),
+    _config(64, 128, 32, num_warps=8, num_stages=1),
+    _config(64, 64, 32, num_warps=4, num_stages=1),
+    _config(128, 32, 32, num_warps=4, num_stages=1),
 ]
 # fp64 is for gradcheck, not speed: one small tile that does not spill (as linear's FP64_CONFIG).
 FP64_CONFIG = _config(32, 32, 16, num_warps=4, num_stages=2)
@@ -48,19 +58,27 @@ INTERPRETER_CONFIG = _config(32, 16, 16, num_warps=4, num_stages=1)
 # The direct (depthwise) kernel has no tl.dot, so no tile minimum: pixels x channels.
 DIRECT_BLOCK_M = 16 if _interpreting() else 64
 DIRECT_BLOCK_C = 8 if _interpreting() else 32
-DIRECT_NUM_WARPS = 4
+DIRECT_NUM_WARPS = 8
 
 
-def prune_fp64(configs, named_args, **kwargs):
-    """Autotune pruning shared by the conv GEMMs: fp64 runs its one config, the rest never."""
-    first = next(iter(named_args.values()))
-    if first.dtype.is_floating_point and first.dtype.itemsize == 8:
+def prune_configs(configs, named_args, **kwargs):
+    """Autotune pruning shared by the conv GEMMs: each input type and precision gets its list
+    (the interpreter's one config stands for all)."""
+    if len(configs) == 1:
+        return configs
+    dtype = next(iter(named_args.values())).dtype
+    if dtype == torch.float64:
         return [FP64_CONFIG]
-    return [config for config in configs if config is not FP64_CONFIG]
+    if dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee":
+        return FP32_IEEE_CONFIGS
+    return CONV_CONFIGS
 
 
-def autotune_configs():
-    return [INTERPRETER_CONFIG] if _interpreting() else [*CONV_CONFIGS, FP64_CONFIG]
+AUTOTUNE_CONFIGS = ([INTERPRETER_CONFIG] if _interpreting()
+                    else [*CONV_CONFIGS, *FP32_IEEE_CONFIGS, FP64_CONFIG])
+# Every config's BLOCK_K divides this (powers of two): a group's channels that are a multiple of
+# it come in whole channel blocks under any config (conv_gemm_kernel's CHANNEL_BLOCKS).
+CHANNEL_BLOCK = max(config.kwargs["BLOCK_K"] for config in AUTOTUNE_CONFIGS)
 
 
 @triton.jit
@@ -86,10 +104,10 @@ def tap_walk(residue, stride, pad, dil, k_step, inverse, KSIZE, TRANSPOSED: tl.c
 
 
 @triton.autotune(
-    configs=autotune_configs(),
+    configs=AUTOTUNE_CONFIGS,
     # Power-of-two buckets of the GEMM's M, N, K and the input's layout, not exact sizes.
-    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "CHANNELS_LAST", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": prune_fp64},
+    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "CHANNELS_LAST", "CHANNEL_BLOCKS", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_configs},
     cache_results=True,
 )
 @triton.jit(do_not_specialize=["M_BUCKET", "N_BUCKET", "K_BUCKET", "CHANNELS_LAST"])
@@ -104,6 +122,7 @@ def conv_gemm_kernel(
     slope: tl.float64,
     M_BUCKET, N_BUCKET, K_BUCKET, CHANNELS_LAST,
     TRANSPOSED: tl.constexpr,
+    CHANNEL_BLOCKS: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
@@ -140,8 +159,11 @@ def conv_gemm_kernel(
         k_step_h, k_step_w, inverse_h, inverse_w: The transposed walk's (see tap_walk).
         slope: leaky_relu's negative slope; read only when ACT is LEAKY_RELU.
         M_BUCKET, N_BUCKET, K_BUCKET, CHANNELS_LAST: The autotuner's key, not read.
-        TRANSPOSED, ACT, HAS_BIAS, STORE_PRE, INPUT_PRECISION: As in linear's matmul_kernel,
-            plus which direction this is.
+        TRANSPOSED: Which direction this is.
+        CHANNEL_BLOCKS: Whether C_group is a multiple of BLOCK_K: the reduction then loops over
+            taps and, within each, over whole channel blocks; otherwise over the flattened
+            (tap, channel) index, which packs a stem's few channels x taps into full steps.
+        ACT, HAS_BIAS, STORE_PRE, INPUT_PRECISION: As in linear's matmul_kernel.
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M: Tiles, and the grouped tile order of matmul_kernel.
     """
     pid = tl.program_id(axis=0)
@@ -174,30 +196,55 @@ def conv_gemm_kernel(
     x_rows = x_ptr + n * stride_xn + (g * C_group) * stride_xc
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out_group
-    w_cols = w_ptr + g * stride_wg + offs_n * stride_wn
+    # Columns past the edge wrap around instead of being masked: the weight loads stay
+    # unmasked along N, and the wrapped columns land where the store skips them.
+    w_cols = w_ptr + g * stride_wg + (offs_n % C_out_group) * stride_wn
+    offs_k = tl.arange(0, BLOCK_K)
 
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    K = count_h * count_w * C_group
-    for k_start in range(0, K, BLOCK_K):
-        # Reductions of 1-15 (a 1- or 3-channel stem) ride in one 16-wide step, the rest masked.
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        c = offs_k % C_group
-        taps = offs_k // C_group
-        j_h = taps // count_w
-        j_w = taps % count_w
-        ih = ih0[:, None] + (j_h * tap_h)[None, :]
-        iw = iw0[:, None] + (j_w * tap_w)[None, :]
-        a_mask = (mask_m[:, None] & mask_k[None, :]
-                  & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        a = tl.load(x_rows[:, None] + (c * stride_xc)[None, :] + ih * stride_xh + iw * stride_xw,
-                    mask=a_mask, other=0.0)
-        w_offs = (c * stride_wc + (k0_h + j_h * k_step_h) * stride_wh
-                  + (k0_w + j_w * k_step_w) * stride_ww)
-        b = tl.load(w_cols[None, :] + w_offs[:, None], mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if CHANNEL_BLOCKS:
+        # Whole channel blocks per tap: the gather's index math and padding masks are per row
+        # (BLOCK_M), once per tap, not per element of every A tile.
+        for j_h in range(0, count_h):
+            ih = ih0 + j_h * tap_h
+            row_in_h = mask_m & (ih >= 0) & (ih < H)
+            w_row = w_cols + (k0_h + j_h * k_step_h) * stride_wh
+            for j_w in range(0, count_w):
+                iw = iw0 + j_w * tap_w
+                row_in = row_in_h & (iw >= 0) & (iw < W)
+                a_rows = x_rows + ih * stride_xh + iw * stride_xw
+                w_tap = w_row + (k0_w + j_w * k_step_w) * stride_ww
+                for c_start in range(0, C_group, BLOCK_K):
+                    c = c_start + offs_k
+                    a = tl.load(a_rows[:, None] + (c * stride_xc)[None, :], mask=row_in[:, None],
+                                other=0.0)
+                    b = tl.load(w_tap[None, :] + (c * stride_wc)[:, None])
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        x_pixels = x_rows + ih0 * stride_xh + iw0 * stride_xw
+        K = count_h * count_w * C_group
+        for k_start in range(0, K, BLOCK_K):
+            # Reductions of 1-15 (a 1- or 3-channel stem) ride in one 16-wide step, masked.
+            k = k_start + offs_k
+            mask_k = k < K
+            c = k % C_group
+            taps = k // C_group
+            j_h = taps // count_w
+            j_w = taps % count_w
+            col_h = j_h * tap_h
+            col_w = j_w * tap_w
+            ih = ih0[:, None] + col_h[None, :]
+            iw = iw0[:, None] + col_w[None, :]
+            a_mask = (mask_m[:, None] & mask_k[None, :]
+                      & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a = tl.load(x_pixels[:, None]
+                        + (c * stride_xc + col_h * stride_xh + col_w * stride_xw)[None, :],
+                        mask=a_mask, other=0.0)
+            w_offs = (c * stride_wc + (k0_h + j_h * k_step_h) * stride_wh
+                      + (k0_w + j_w * k_step_w) * stride_ww)
+            b = tl.load(w_cols[None, :] + w_offs[:, None], mask=mask_k[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     channels = g * C_out_group + offs_n
     if HAS_BIAS:

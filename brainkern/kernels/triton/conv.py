@@ -18,6 +18,7 @@ from brainkern.kernels.triton._conv_backward import (
     conv_weight_grad_kernel,
 )
 from brainkern.kernels.triton._conv_forward import (
+    CHANNEL_BLOCK,
     DIRECT_BLOCK_C,
     DIRECT_BLOCK_M,
     DIRECT_NUM_WARPS,
@@ -104,7 +105,8 @@ def _convolve(x, weight, bias, out, pre, stride, padding, dilation, groups, act_
         *args, m, kh, kw, *strides,
         triton.next_power_of_2(m), triton.next_power_of_2(c_out_group),
         triton.next_power_of_2(c_group * kh * kw), int(x.stride(1) == 1),
-        **flags, INPUT_PRECISION=_input_precision(x.dtype),
+        **flags, CHANNEL_BLOCKS=c_group % CHANNEL_BLOCK == 0,
+        INPUT_PRECISION=_input_precision(x.dtype),
     )
 
 
