@@ -10,6 +10,7 @@
 #include <string>
 
 #include "dispatch.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 
@@ -250,6 +251,13 @@ activation_backward), grad_x = dz @ W (m, k) and grad_w = dz^T @ x (n, k), each 
 contiguously and skipped when its address is 0. grad_out (m, n), x (m, k) and w (n, k) are
 read with the given element strides; saved and grad_pre are (m, n) contiguous, as in
 activation_backward. Outputs must not alias inputs. The GIL is released meanwhile.)doc");
+  m.def("run_serially", &bk::run_serially,
+        "Run every later call on the calling thread only (in a child forked after OpenMP ran).");
+  m.def("backward_scratch_bytes", [] {
+    const bk::BackwardScratch s = bk::backward_scratch();
+    return std::make_pair(s.held_bytes, s.last_call_bytes);
+  }, "(held, last call): this thread's bias-sum space, kept between calls / used by the last "
+     "activation_backward, in bytes.");
   m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("out"), py::arg("pre"), py::arg("shape"), py::arg("nhwc"), py::arg("act_code"),
         py::arg("act_param"), py::arg("num_threads"), py::arg("isa") = "",

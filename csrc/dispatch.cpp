@@ -26,6 +26,13 @@ constexpr int64_t kMinBackwardParallel = int64_t(1) << 16;
 // partial sums, added in block order: the same blocks on any number of threads, so the same
 // result. Small enough that a block of grad_pre is still in L2 when a thread finishes it.
 constexpr int64_t kBackwardBlockElements = int64_t(1) << 14;
+// At most this many blocks, so the partial sums take at most 64 rows of n doubles (was one row
+// per block: M x N doubles once N > 8192, 1 GB at 4096 x 32768). Fixed, not the thread count,
+// so the result still does not depend on the threads; 64 blocks still feed 64 threads.
+constexpr int64_t kMaxBackwardBlocks = 64;
+// Partial sums up to this size stay allocated for the thread's next call (no page faults for
+// small layers); larger ones are freed when the call ends.
+constexpr size_t kKeptBackwardSums = size_t(1) << 16;
 
 struct IsaEntry {
   const char* name;
@@ -97,8 +104,9 @@ struct PackBuffer {
   }
 };
 thread_local PackBuffer t_a_pack, t_b_pack;
-// The activation backward's partial column sums, kept for the same reason.
+// The activation backward's partial column sums, kept for the same reason while small.
 thread_local std::vector<double> t_backward_sums;
+thread_local size_t t_backward_sums_last_call = 0;  // doubles the last call used
 
 int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
@@ -207,14 +215,16 @@ void activation_backward(const IsaKernels& isa, const ActBackwardArgs& g, float*
     return;
   }
   const int64_t elements = g.m * g.n;
-  const int64_t block_rows = std::max<int64_t>(1, kBackwardBlockElements / g.n);
+  const int64_t block_rows = std::max<int64_t>(
+      {1, kBackwardBlockElements / g.n, ceil_div(g.m, kMaxBackwardBlocks)});
   const int64_t blocks = ceil_div(g.m, block_rows);
   int64_t team = 1;
   if (elements >= kMinBackwardParallel)
     team = std::min<int64_t>({threads, blocks, elements / kMinBackwardPerThread});
   double* sums = nullptr;
+  t_backward_sums_last_call = grad_bias ? size_t(blocks * g.n) : 0;
   if (grad_bias) {
-    t_backward_sums.assign(size_t(blocks * g.n), 0.0);
+    t_backward_sums.assign(t_backward_sums_last_call, 0.0);
     sums = t_backward_sums.data();
   }
   auto run_blocks = [&](int t) {
@@ -231,6 +241,11 @@ void activation_backward(const IsaKernels& isa, const ActBackwardArgs& g, float*
   for (int64_t b = 1; b < blocks; ++b)
     for (int64_t j = 0; j < g.n; ++j) sums[j] += sums[b * g.n + j];
   for (int64_t j = 0; j < g.n; ++j) grad_bias[j] = float(sums[j]);
+  if (t_backward_sums.capacity() > kKeptBackwardSums) std::vector<double>().swap(t_backward_sums);
+}
+
+BackwardScratch backward_scratch() {
+  return {t_backward_sums.capacity() * sizeof(double), t_backward_sums_last_call * sizeof(double)};
 }
 
 void linear_backward(const IsaKernels& isa, const LinearBackwardArgs& g, int threads) {

@@ -29,6 +29,13 @@ void gemm(const IsaKernels& isa, const GemmArgs& g, int threads);
 void activation_backward(const IsaKernels& isa, const ActBackwardArgs& g, float* grad_bias,
                          int threads);
 
+// The calling thread's partial-sum space for grad_bias, in bytes: what it holds between calls,
+// and what its last activation_backward used.
+struct BackwardScratch {
+  size_t held_bytes, last_call_bytes;
+};
+BackwardScratch backward_scratch();
+
 // g (see LinearBackwardArgs) on up to `threads` threads: the activation backward and bias sums,
 // then the two GEMMs, side by side on one thread each when neither is worth two threads.
 void linear_backward(const IsaKernels& isa, const LinearBackwardArgs& g, int threads);

@@ -29,6 +29,8 @@ void register_fork_handler() {
 
 }  // namespace
 
+void run_serially() { g_serial_only.store(true); }
+
 void parallel_for(int n, const std::function<void(int)>& fn) {
   register_fork_handler();
   if (n <= 1 || g_serial_only.load(std::memory_order_relaxed)) {

@@ -16,4 +16,9 @@ namespace bk {
 // after a team ran, runs them one after another on the calling thread.
 void parallel_for(int n, const std::function<void(int)>& fn);
 
+// From now on every parallel_for runs serially. Called in a forked child whose parent had
+// started any OpenMP team (torch's, Numba's, ours: all are one libgomp), which the process's
+// thread count at fork shows and this file alone cannot (brainkern/kernels/_openmp.py).
+void run_serially();
+
 }  // namespace bk

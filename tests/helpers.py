@@ -13,7 +13,10 @@ TF32_TOLERANCE = 5e-4
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> float:
-    """||out - ref|| / ||scale or ref||, in float64; NaN where ref has none (or the reverse) fails.
+    """||out - ref|| / ||scale or ref||, in float64, over the elements where ref is finite.
+
+    NaN where ref has none (or the reverse) fails, and so does an infinity that ref does not
+    have with the same sign (or the reverse): special values must come out as torch's do.
 
     ``scale`` is the magnitude rounding errors are relative to, e.g. ``|x| @ |w|^T + |b|`` for a
     GEMM: the textbook bound |fl(x.w) - x.w| <= gamma_K |x|.|w|. Without it a single output that
@@ -24,8 +27,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = N
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     nan_out, nan_ref = torch.isnan(out), torch.isnan(ref)
     assert torch.equal(nan_out, nan_ref), "NaN where the reference has none (or the reverse)"
+    inf_ref = torch.isinf(ref)
+    assert torch.equal(torch.isinf(out), inf_ref) and torch.equal(out[inf_ref], ref[inf_ref]), (
+        "an infinity where the reference has none, or of the other sign (or the reverse)")
+    finite = torch.isfinite(ref)
     denom_source = ref if scale is None else scale.detach().to(torch.float64).cpu()
-    out, ref, denom_source = out[~nan_ref], ref[~nan_ref], denom_source[~nan_ref]
+    out, ref, denom_source = out[finite], ref[finite], denom_source[finite]
     if ref.numel() == 0:
         return 0.0
     denom = denom_source.norm().item()

@@ -528,3 +528,18 @@ def test_float64_goes_to_numba():
     native_linear.activation_backward(grad, saved, grad_pre, grad_bias, A.SIGMOID, 0.0, True)
     assert_close(grad_pre, grad * saved * (1 - saved), tol=TOLERANCE[torch.float64])
     assert_close(grad_bias, grad_pre.sum(0), tol=TOLERANCE[torch.float64])
+
+
+def test_bias_sum_space_is_bounded_and_released():
+    """The per-thread partial sums for grad_bias took one row of N doubles per row block, one
+    block per row once N > 8192 (M x N doubles: 1 GB at 4096 x 32768), kept for the thread's
+    life. Now at most 64 rows, and freed after a large call; small calls keep theirs."""
+    core = built().core()
+    m, n = 256, 8193
+    grad, saved = torch.randn(m, n), torch.randn(m, n).relu()
+    check_backward(grad, saved, A.RELU, 0.0)
+    held, last_call = core.backward_scratch_bytes()
+    assert last_call <= 64 * n * 8 < m * n * 8 and held == 0
+    check_backward(torch.randn(64, 10), torch.randn(64, 10).relu(), A.RELU, 0.0)
+    held, last_call = core.backward_scratch_bytes()
+    assert 0 < last_call <= held <= 1 << 19  # small: kept for the next call

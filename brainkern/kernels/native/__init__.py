@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from brainkern.kernels import _openmp
+
 _loaded: dict = {}
 
 
@@ -29,6 +31,8 @@ def _load():
             _loaded["module"], _loaded["error"] = None, str(error) or type(error).__name__
         else:
             _loaded["module"], _loaded["error"] = _native, None
+            # A forked child (see _openmp) runs the core's parallel loops serially.
+            _openmp.when_serial(_native.run_serially)
     return _loaded["module"]
 
 

@@ -385,8 +385,12 @@ def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_para
             grad_bias.zero_()
         return
     # The formulas follow from the code alone; the flag is the caller's claim, checked here.
-    assert saves_output(int(act_code), float(act_param)) == bool(saved_is_output), (
-        "saved tensor does not match the activation")
+    # Not an assert: a contract check must survive python -O.
+    expected = saves_output(int(act_code), float(act_param))
+    if expected != bool(saved_is_output):
+        raise ValueError(f"numba activation_backward: activation {act_code} ({act_param}) saves "
+                         f"the {'output' if expected else 'pre-activation'}, but "
+                         f"saved_is_output={saved_is_output}")
     grad_pre_flat = _flat(grad_pre)
     args = (_flat(grad_out), *grad_out.stride(), _flat(saved), grad_pre_flat,
             grad_pre_flat if grad_bias is None else _flat(grad_bias), grad_bias is not None,

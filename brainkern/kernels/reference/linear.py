@@ -28,7 +28,10 @@ def linear_forward(a, weight, bias, out, pre, act_code, act_param):
 def activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param, saved_is_output):
     """``grad_pre = grad_out * act'(z)``; ``grad_bias = grad_pre.sum(0)`` when given."""
     act = _activation(act_code, act_param)
-    assert act.saves_output == saved_is_output, "saved tensor does not match the activation"
+    if act.saves_output != bool(saved_is_output):  # not assert: it must survive python -O
+        raise ValueError(f"activation_backward: activation {act_code} ({act_param}) saves the "
+                         f"{'output' if act.saves_output else 'pre-activation'}, but "
+                         f"saved_is_output={saved_is_output}")
     torch.mul(grad_out, act.derivative(saved), out=grad_pre)
     if grad_bias is not None:
         grad_bias.copy_(grad_pre.sum(0, dtype=_accumulation_dtype(grad_pre.dtype)))

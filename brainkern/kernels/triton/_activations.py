@@ -6,8 +6,15 @@ runtime fp64 scalar. Inputs are the fp32 (fp64 for fp64 tensors) accumulator, ne
 exp and erf lose too much in fp16/bf16, and the interpreter's erf only takes fp32/fp64.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# Pinned before any kernel compiles (Triton reads it at compile time): Triton 3.10 turns FMA
+# contraction off by default, which would change every epilogue's rounding and the tolerances
+# measured with it. An explicit setting by the user still wins.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 # Never renumber: these mirror brainkern.activations (constexpr globals are visible to kernels).
 # NONE (0) matches no branch below: the value passes through.
@@ -59,7 +66,7 @@ def tanh(x):
 def activation_forward(z, slope, ACT: tl.constexpr):
     """``act(z)`` elementwise; ``slope`` is only read for LEAKY_RELU."""
     if ACT == RELU:
-        z = tl.where(z > 0, z, 0.0)
+        z = tl.where(z < 0, 0.0, z)  # not z > 0: a NaN must stay NaN, as in torch.relu
     elif ACT == LEAKY_RELU:
         z = tl.where(z > 0, z, z * _as(slope, z.dtype))
     elif ACT == SIGMOID:

@@ -1,0 +1,185 @@
+"""What tests/test_kernel_contract.py runs every backend's kernels with: which backends serve a
+family here and on which device, the activations, the float64 oracles, and the comparisons.
+
+A backend's family module is tested once it exists (``importlib.util.find_spec``): conv and
+pool kernels join the suite as they land, with no change here.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brainkern import activations as A
+from brainkern import backends
+from helpers import assert_close, poisoned
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Every code, and leaky_relu with both signs of slope (a negative slope saves the pre-activation).
+ACTIVATIONS = [A.Activation("none", A.NONE), A.Activation("relu", A.RELU),
+               A.Activation("leaky_relu", A.LEAKY_RELU, 0.01),
+               A.Activation("leaky_relu", A.LEAKY_RELU, -0.2),
+               A.Activation("sigmoid", A.SIGMOID), A.Activation("tanh", A.TANH),
+               A.Activation("gelu", A.GELU), A.Activation("gelu_tanh", A.GELU_TANH),
+               A.Activation("silu", A.SILU)]
+ACT_IDS = [f"{a.name}{a.param:g}" if a.param else a.name for a in ACTIVATIONS]
+BACKWARD_ACTIVATIONS, BACKWARD_ACT_IDS = ACTIVATIONS[1:], ACT_IDS[1:]
+GELU_TANH = ACTIVATIONS[7]
+
+
+def device_of(backend: str) -> str:
+    """The device a backend's kernels take tensors on here: Triton's is the GPU when there is
+    one (else the CPU, through its interpreter); the others run on the CPU."""
+    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+
+
+def backends_for(family: str):
+    """pytest params: every backend available here, skipped only when it has no module for
+    ``family`` yet."""
+    params = []
+    for name in backends.available_backends():
+        package = f"{backends.BACKENDS[name].package}.{family}"
+        missing = importlib.util.find_spec(package) is None
+        params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(
+            missing, reason=f"{package} does not exist yet")))
+    return params
+
+
+def backend_dtypes_for(family: str, wanted):
+    """pytest params (backend, dtype): each dtype of ``wanted`` that the backend's family module
+    declares (the ops layer sends it no other). Triton 3.9's interpreter multiplies bf16 tl.dot
+    operands as raw int16 bits, so without a GPU Triton's bf16 is left to the GPU tests of
+    tests/test_kernels_triton.py."""
+    params = []
+    for name in backends.available_backends():
+        if importlib.util.find_spec(f"{backends.BACKENDS[name].package}.{family}") is None:
+            continue
+        for dtype in wanted:
+            interpreted_bf16 = name == "triton" and not HAS_CUDA and dtype == torch.bfloat16
+            if dtype in kernels(name, family).DTYPES and not interpreted_bf16:
+                params.append(pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}"))
+    return params
+
+
+def kernels(backend: str, family: str):
+    return backends.kernels(backend, family)
+
+
+def randn(*shape, backend, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=device_of(backend))
+
+
+def act_forward(act, z):
+    """act(z) in float64; GELU as 0.5 z erfc(-z / sqrt 2), the same function without
+    torch's cancellation in 1 + erf for z << 0, which fails an accurate kernel."""
+    if act.code == A.GELU:
+        return 0.5 * z * torch.special.erfc(-z * 0.7071067811865476)
+    return act.forward(z)
+
+
+def saved_for(act, z):
+    """What the forward saves for ``act``: its output or the pre-activation z."""
+    return act.forward(z) if act.saves_output else z
+
+
+def finite_magnitude(t):
+    """|t| in float64 on the CPU with NaN and infinities as 0: rounding-error scales for the
+    elements that stay finite."""
+    t = t.detach().double().cpu()
+    return torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=torch.float64))
+
+
+def check(out, ref, dtype, what, scale=None, tol=None):
+    """``out`` against the float64 ``ref``: special values equal, the rest within the dtype's
+    tolerance relative to ``scale`` (default ``|ref|``)."""
+    assert_close(out, ref, dtype, tol=tol, what=what, scale=scale)
+
+
+# Linear ---------------------------------------------------------------------------------------
+
+def linear_reference(a, weight, bias, act):
+    """(z, act(z)) in float64 on the CPU for ``z = a @ weight^T + bias``."""
+    z = a.detach().double().cpu() @ weight.detach().double().cpu().t()
+    if bias is not None:
+        z = z + bias.detach().double().cpu()
+    return z, act_forward(act, z)
+
+
+def linear_scale(a, weight, bias):
+    """|a| @ |weight|^T + |bias| over the finite inputs: what the GEMM's rounding scales with."""
+    scale = finite_magnitude(a) @ finite_magnitude(weight).t()
+    return scale if bias is None else scale + finite_magnitude(bias)
+
+
+def run_linear_forward(kern, a, weight, bias, act, with_pre=True):
+    """The kernel on NaN-poisoned outputs; returns (out, pre)."""
+    m, n = a.shape[0], weight.shape[0]
+    out = poisoned(m, n, dtype=a.dtype, device=a.device)
+    pre = poisoned(m, n, dtype=a.dtype, device=a.device) if with_pre else None
+    kern.linear_forward(a, weight, bias, out, pre, act.code, act.param)
+    return out, pre
+
+
+def derivative_scale(act, grad_out, saved):
+    """What ``grad_out * act'(saved)``'s error scales with: |grad_out| times the size of the
+    derivative's terms, which are O(1) for every activation (1 - y^2 for tanh, or
+    Phi(z) + z phi(z) for gelu, cancel to far less than their rounding error near the tails)."""
+    deriv = finite_magnitude(act.derivative(saved.double().cpu()))
+    return finite_magnitude(grad_out) * torch.clamp(deriv, min=1.0)
+
+
+def output_scale(act, z, ref, z_scale):
+    """What act(z)'s error scales with: its own rounding, |act(z)|, plus z's error carried
+    through act, |act'(z)| z_scale (sigmoid(1e-5) is 0.5, but its error is that of z)."""
+    return finite_magnitude(ref) + finite_magnitude(act.derivative(saved_for(act, z))) * z_scale
+
+
+def check_linear_forward(kern, a, weight, bias, act, with_pre=True, tol=None):
+    out, pre = run_linear_forward(kern, a, weight, bias, act, with_pre)
+    z, ref = linear_reference(a, weight, bias, act)
+    scale = linear_scale(a, weight, bias)
+    check(out, ref, a.dtype, f"out ({act.name} {act.param})", output_scale(act, z, ref, scale),
+          tol)
+    if with_pre:
+        check(pre, z, a.dtype, "pre", scale, tol)
+
+
+def linear_backward_of(kern):
+    """The backend's fused linear_backward, or compose_linear_backward over its kernels."""
+    from brainkern.kernels import compose_linear_backward
+
+    fused = getattr(kern, "linear_backward", None)
+    if fused is not None:
+        return fused
+    return lambda *args: compose_linear_backward(kern, *args)
+
+
+# Convolution ----------------------------------------------------------------------------------
+
+def to_backend(t, backend, dtype=torch.float32, channels_last=False):
+    """A CPU tensor as the backend's dtype and device, 4-D ones NCHW or channels_last."""
+    t = t.to(dtype=dtype, device=device_of(backend))
+    if t.dim() != 4:
+        return t.contiguous()
+    return t.contiguous(memory_format=torch.channels_last if channels_last else
+                        torch.contiguous_format)
+
+
+def empty_4d(shape, like, channels_last):
+    """A NaN-poisoned 4-D output in like's dtype and device, in the given format."""
+    out = poisoned(*shape, dtype=like.dtype, device=like.device)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def conv2d_reference(x, weight, bias, stride, padding, dilation, groups):
+    return F.conv2d(x.double().cpu(), weight.double().cpu(),
+                    None if bias is None else bias.double().cpu(), stride, padding, dilation,
+                    groups)
+
+
+def conv2d_scale(x, weight, bias, stride, padding, dilation, groups):
+    return conv2d_reference(finite_magnitude(x), finite_magnitude(weight),
+                            None if bias is None else finite_magnitude(bias), stride, padding,
+                            dilation, groups)
