@@ -9,7 +9,6 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from brainkern import activations as A
 from brainkern import backends
@@ -154,32 +153,3 @@ def linear_backward_of(kern):
     if fused is not None:
         return fused
     return lambda *args: compose_linear_backward(kern, *args)
-
-
-# Convolution ----------------------------------------------------------------------------------
-
-def to_backend(t, backend, dtype=torch.float32, channels_last=False):
-    """A CPU tensor as the backend's dtype and device, 4-D ones NCHW or channels_last."""
-    t = t.to(dtype=dtype, device=device_of(backend))
-    if t.dim() != 4:
-        return t.contiguous()
-    return t.contiguous(memory_format=torch.channels_last if channels_last else
-                        torch.contiguous_format)
-
-
-def empty_4d(shape, like, channels_last):
-    """A NaN-poisoned 4-D output in like's dtype and device, in the given format."""
-    out = poisoned(*shape, dtype=like.dtype, device=like.device)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-
-def conv2d_reference(x, weight, bias, stride, padding, dilation, groups):
-    return F.conv2d(x.double().cpu(), weight.double().cpu(),
-                    None if bias is None else bias.double().cpu(), stride, padding, dilation,
-                    groups)
-
-
-def conv2d_scale(x, weight, bias, stride, padding, dilation, groups):
-    return conv2d_reference(finite_magnitude(x), finite_magnitude(weight),
-                            None if bias is None else finite_magnitude(bias), stride, padding,
-                            dilation, groups)

@@ -7,7 +7,12 @@ so an element a kernel forgets fails; NaN and infinities in the inputs must come
 torch's come out. Sizes straddle the tiles: numba/native 6 x 16 and 12 x 32 register tiles,
 Triton's 64 x 64 x 32 interpreter tile, the CPU k block (256). Shapes stay small, for the
 interpreter. What only one backend has (ISAs, thread splits, autotune configs, ahead-of-time
-compilation) stays in its own test file. Conv and pool: tests/test_kernel_contract_conv_pool.py.
+compilation) stays in its own test file.
+
+Families plug in through tests/contract.py: ``backends_for(family)`` lists every backend and
+skips one only while it has no module for that family, so the conv and pool kernels' cases
+(same pattern: poisoned outputs, float64 oracle, every bias/pre/activation) run on each backend
+as its module lands.
 """
 
 import ast
@@ -20,21 +25,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from brainkern.activations import NONE
 from contract import (
     ACT_IDS,
     ACTIVATIONS,
     BACKWARD_ACT_IDS,
     BACKWARD_ACTIVATIONS,
     GELU_TANH,
-    act_forward,
     backend_dtypes_for,
     backends_for,
     check,
     check_linear_forward,
     derivative_scale,
-    finite_magnitude,
     kernels,
     linear_backward_of,
     linear_reference,
@@ -44,6 +45,8 @@ from contract import (
     run_linear_forward,
     saved_for,
 )
+
+from brainkern.activations import NONE
 from helpers import poisoned
 
 LINEAR = backends_for("linear")

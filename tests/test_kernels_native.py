@@ -5,15 +5,16 @@ assert_gemm_close for the norm). The float32 tolerance is helpers.TOLERANCE (1e-
 the kernel sums k in float32 in blocks of 256, so the error grows ~sqrt(k) * 6e-8, 2e-6 at the
 largest k here.
 
-Every test that computes runs on each ISA this CPU supports: "portable" has the AVX-512
-kernels' exact geometry (16 lanes, 12 x 32 tile), so their tiling is tested even on a machine
-without AVX-512; "avx512" itself runs only where the CPU has it.
+What every backend must do (activations, bias and pre combinations, strides, NaN and inf, zero
+sizes, float64 through Numba, forked children) is in tests/test_kernel_contract.py; this file
+keeps what is native's own. Every test that computes runs on each ISA this CPU supports:
+"portable" has the AVX-512 kernels' exact geometry (16 lanes, 12 x 32 tile), so their tiling is
+tested even on a machine without AVX-512; "avx512" itself runs only where the CPU has it.
 """
 
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 from brainkern import activations as A
 from brainkern.kernels import native
 from brainkern.kernels.native import linear as native_linear
-from helpers import TOLERANCE, assert_close, matmul_magnitude, poisoned
+from helpers import assert_close, matmul_magnitude, poisoned
 
 ISAS = ["avx512", "avx2", "portable"]
 ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, 0.01), (A.LEAKY_RELU, -0.2),
@@ -213,29 +214,6 @@ def test_concurrent_callers():
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: run(a, b, bias, A.SILU, num_threads=2)[1], range(16)))
     assert all(torch.equal(r, expected) for r in results)
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
-def test_forked_child_gets_a_working_pool():
-    """A child forked after the pool's workers started (DataLoader workers fork) must not wait
-    on threads that do not exist there: it starts its own pool."""
-    a, b = torch.randn(300, 200), torch.randn(200, 300)
-    expected = run(a, b, None, pre=False, num_threads=2)[1]  # starts the workers
-    out = torch.empty(300, 300)
-    pid = os.fork()
-    if pid == 0:
-        # Only brainkern's pool in the child: torch's own OpenMP pool (used by torch.full and
-        # torch.equal in the parent) hangs a forked child, which is torch's matter, not ours.
-        native_linear.linear_forward(a, b.t(), None, out, None, A.NONE, 0.0, num_threads=2)
-        os._exit(0 if out.numpy().tobytes() == expected.numpy().tobytes() else 1)
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done[0] == 0:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung in a 2-thread GEMM")
-    assert os.waitstatus_to_exitcode(done[1]) == 0, "the forked child computed a wrong result"
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -514,20 +492,6 @@ except ImportError as error:
     unsupported = next((i for i in ISAS if i not in built().supported_isas()), "sse9")
     message = isa_with(unsupported)
     assert message.startswith("ERROR") and "BRAINKERN_NATIVE_ISA" in message
-
-
-def test_float64_goes_to_numba():
-    """float64 is the Numba backend's (brainkern/kernels/numba/linear.py) job."""
-    a, b, bias = torch.randn(9, 21, dtype=torch.float64), torch.randn(21, 11,
-                                                                     dtype=torch.float64), None
-    out = poisoned(9, 11, dtype=torch.float64)
-    native_linear.linear_forward(a, b.t(), bias, out, None, A.SIGMOID, 0.0)
-    assert_close(out, torch.sigmoid(a @ b), tol=TOLERANCE[torch.float64])
-    saved, grad = torch.sigmoid(a @ b), torch.randn(9, 11, dtype=torch.float64)
-    grad_pre, grad_bias = poisoned(9, 11, dtype=torch.float64), poisoned(11, dtype=torch.float64)
-    native_linear.activation_backward(grad, saved, grad_pre, grad_bias, A.SIGMOID, 0.0, True)
-    assert_close(grad_pre, grad * saved * (1 - saved), tol=TOLERANCE[torch.float64])
-    assert_close(grad_bias, grad_pre.sum(0), tol=TOLERANCE[torch.float64])
 
 
 def test_bias_sum_space_is_bounded_and_released():

@@ -1,13 +1,16 @@
 """The linear op family through the public API, on every backend that runs here.
 
-Oracle: torch in float64 (DESIGN.md section 4). Triton runs through its interpreter on the CPU,
-so it gets the smaller shapes.
+Oracle: torch in float64 (DESIGN.md section 4). Every test parametrized by backend makes its
+tensors on that backend's device (the ``_backend_device`` fixture): Triton's is the GPU when
+there is one, else the CPU through its interpreter, which is slow, so it gets smaller shapes.
+The kernels themselves are checked in tests/test_kernel_contract.py.
 """
 
 import copy
 
 import pytest
 import torch
+from contract import device_of
 
 import brainkern
 import brainkern.functional as BF
@@ -19,6 +22,19 @@ ACTIVATIONS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu",
                torch.nn.GELU(approximate="tanh"), torch.nn.LeakyReLU(-0.2)]
 SHAPES = [(1, 1, 1), (7, 13, 5), (127, 33, 17), (257, 40, 129)]  # (M, K, N)
 SMALL_SHAPES = SHAPES[:3]
+
+
+@pytest.fixture(autouse=True)
+def _backend_device(request):
+    """Tensors a backend-parametrized test makes land on that backend's device: with a GPU,
+    Triton gets CUDA tensors (it cannot run CPU ones without the interpreter)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    if backend is None:
+        yield
+        return
+    with torch.device(device_of(backend)):
+        yield
 
 
 def shapes_for(backend):
@@ -64,16 +80,29 @@ def test_linear_float64_and_no_bias(backend, bias):
     check_linear(backend, x, w, torch.randn(11) if bias else None, "tanh", torch.float64)
 
 
+def _float64_leaves():
+    return [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+            for shape in ((3, 4), (5, 4), (5,))]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "gelu", torch.nn.LeakyReLU(-0.3), None], ids=str)
 def test_linear_gradcheck(backend, activation):
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    """First derivatives: the backend's forward and backward kernels against finite differences."""
     with backends.use_backend(backend):
-        assert torch.autograd.gradcheck(lambda *t: BF.linear(*t, activation=activation), (x, w, b))
-        assert torch.autograd.gradgradcheck(
-            lambda *t: BF.linear(*t, activation=activation), (x, w, b))
+        assert torch.autograd.gradcheck(lambda *t: BF.linear(*t, activation=activation),
+                                        _float64_leaves())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu", torch.nn.LeakyReLU(-0.3), None], ids=str)
+def test_linear_gradgradcheck_of_the_torch_recompute(backend, activation):
+    """Second derivatives. backward(create_graph=True) recomputes the layer with torch's ops
+    (ops/linear.py), so this checks that hand-over (the right graph, from the right saved
+    tensors), not the backend's kernels: those compute only the first derivatives."""
+    with backends.use_backend(backend):
+        assert torch.autograd.gradgradcheck(lambda *t: BF.linear(*t, activation=activation),
+                                            _float64_leaves())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -155,9 +184,10 @@ def test_linear_frozen_tensors_get_no_gradient(backend, frozen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["sigmoid", "gelu", None], ids=str)
-def test_linear_double_backward(backend, activation):
+def test_linear_double_backward_recomputes_with_torch(backend, activation):
     """backward(create_graph=True), as a gradient penalty does: the first gradients are right
-    and differentiable, and the second derivatives match torch's."""
+    and differentiable, and the second derivatives match torch's. That backward recomputes the
+    layer with torch's ops, so this checks the hand-over, not the backend's kernels."""
     leaves = [torch.randn(6, 4), torch.randn(3, 4), torch.randn(3)]
     ours = [t.double().requires_grad_() for t in leaves]
     ref = [t.double().requires_grad_() for t in leaves]

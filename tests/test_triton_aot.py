@@ -168,8 +168,36 @@ def test_compiles(compiled, case):
     result = compiled[case["id"]]
     assert "error" not in result, result.get("error")
     assert result["fits"], f"{result['shared']} bytes of shared memory: over sm_{case['arch']}'s"
-    if result["stack"] is not None:  # None: cuobjdump could not run
-        assert result["stack"] == 0 and result["local"] == 0, f"register spills: {result}"
+    # Never skipped: cuobjdump ships in Triton's wheel (triton/backends/nvidia/bin), so a missing
+    # figure means a broken install or an unreadable cubin, and spills would go unseen.
+    assert result["registers"] is not None and result["stack"] is not None, (
+        f"no register/spill figures: cuobjdump ({triton_tool('cuobjdump')}) did not run")
+    assert result["stack"] == 0 and result["local"] == 0, f"register spills: {result}"
+
+
+def triton_tool(name):
+    import triton
+
+    return getattr(triton.knobs.nvidia, name).path
+
+
+def test_fp_fusion_default_is_pinned():
+    """Triton 3.10 turns FMA contraction off by default; brainkern pins it on (where its Triton
+    kernels are defined, before any compiles) so a Triton upgrade cannot change results. A
+    value the user sets still wins."""
+    script = ("import os, triton\n"
+              "import brainkern.kernels.triton.linear\n"
+              "print(os.environ.get('TRITON_DEFAULT_FP_FUSION'),"
+              " triton.knobs.language.fp_fusion_enabled(None))")
+    for given, expected in ((None, "1 True"), ("0", "0 False")):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        if given is not None:
+            env["TRITON_DEFAULT_FP_FUSION"] = given
+        done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-2:] == expected.split()
 
 
 def _table(results):
