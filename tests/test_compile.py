@@ -198,3 +198,24 @@ def test_private_torch_apis_fall_back():
         grads = torch.autograd.grad(out.sum(), (x, w, b))
     assert torch.equal(out, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+
+
+def test_compiled_torch_func_transforms_match_eager():
+    """torch.compile over torch.func.grad and vmap of a brainkern layer: inside a transform the
+    layer computes with torch's ops in a graph too (the registered op has no vmap rule, and its
+    kernels cannot read transformed tensors)."""
+    layer = bnn.Linear(5, 3, activation="tanh")
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    x = torch.randn(4, 5)
+
+    def loss(params, x):
+        return torch.func.functional_call(layer, params, (x,)).sum()
+
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True)(params, x)
+    eager = torch.func.grad(loss)(params, x)
+    for name in eager:
+        assert_close(compiled[name], eager[name].double(), torch.float32, what=name)
+    batched = torch.randn(2, 4, 5)
+    with torch.no_grad():
+        assert_close(torch.compile(torch.func.vmap(layer), fullgraph=True)(batched),
+                     torch.func.vmap(layer)(batched).double(), torch.float32)

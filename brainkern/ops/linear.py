@@ -266,14 +266,15 @@ def linear(input, weight, bias=None, activation=None):
     x = input if ndim == 2 else input.reshape(math.prod(input.shape[:-1]), k)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    if _in_graph():
-        out = _linear_in_graph(x, weight, bias, act)
-    elif _transforms_active():
+    if _transforms_active():
         # Under a torch.func transform (grad, vmap, jacrev, ...) the kernels cannot run: they
         # read data pointers, which transformed tensors lack. torch's ops, which every transform
         # supports, compute the layer there, so brainkern layers work inside torch.func as
-        # torch.nn's do (at torch's speed).
+        # torch.nn's do (at torch's speed). Tested before the graph: the registered op has no
+        # vmap rule, and Dynamo tracing a transform sees it active here too.
         out = _with_torch_ops(x, weight, bias, act)
+    elif _in_graph():
+        out = _linear_in_graph(x, weight, bias, act)
     else:
         try:
             kern = _kernels_for("linear", device, dtype)
