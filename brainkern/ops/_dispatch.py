@@ -51,10 +51,10 @@ Recipe for a new op family (conv and pool follow linear, brainkern/ops/linear.py
 5. The public function: under :func:`any_autocast` cast with :func:`autocast`; check arguments
    (ops/_checks.py, sparse layouts included); if :func:`transforms_active` compute with
    torch's ops (first: the op has no vmap rule, and a torch.compile'd torch.func transform is
-   in a graph too); else if :func:`in_graph`, call ``_op`` with
-   ``graph_backend(family, device, dtype)``; else ``kern = kernels_for(family, device, dtype)`` (a RuntimeError there for a
-   meta device means: call ``_op`` with ``graph_backend``) and run ``_apply`` when a gradient is
-   wanted or ``_forward`` alone when not; on a RuntimeError retry once with
+   in a graph too); else if :func:`in_graph`, call ``_op`` with ``graph_backend(family,
+   device, dtype)``; else ``kern = kernels_for(family, device, dtype)`` (a RuntimeError there
+   for a meta device means: call ``_op`` with ``graph_backend``) and run ``_apply`` when a
+   gradient is wanted or ``_forward`` alone when not; on a RuntimeError retry once with
    :func:`unwrap_dead` tensors if any was a dead functorch wrapper.
 """
 
