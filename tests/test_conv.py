@@ -286,3 +286,18 @@ def test_bad_arguments_are_named(call, error, match):
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(error, match=match):
         call(x, w)
+
+
+def test_torch_func_transforms_match_torch():
+    """grad/vmap over brainkern convs (eager and compiled) compute with torch's ops."""
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+
+    def loss(f, w, x):
+        return f.conv2d(x.unsqueeze(0), w, padding=1).tanh().sum()
+
+    want = torch.func.vmap(torch.func.grad(lambda w, x: loss(F, w, x)), (None, 0))(w, x)
+    ours = torch.func.vmap(torch.func.grad(lambda w, x: loss(BF, w, x)), (None, 0))
+    assert_close(ours(w, x), want, tol=1e-12)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(w, x), want, tol=1e-12)

@@ -128,3 +128,11 @@ def test_accelerate_swaps_pooling():
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(2, 3, 8, 8))
+
+
+def test_torch_func_transforms_match_torch():
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    for fn in (lambda f, t: f.max_pool2d(t, 2).sum(), lambda f, t: f.avg_pool2d(t, 3, 2, 1).sum(),
+               lambda f, t: f.adaptive_avg_pool2d(t, 2).pow(2).sum()):
+        want = torch.func.vmap(torch.func.grad(lambda t: fn(F, t)))(x)
+        assert_close(torch.func.vmap(torch.func.grad(lambda t: fn(BF, t)))(x), want, tol=1e-12)

@@ -230,11 +230,12 @@ def _apply(input, weight, bias, geometry: ConvGeometry, activation):
     x = x.contiguous(memory_format=fmt)
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if _dispatch.in_graph():
-        out = _in_graph(x, weight, bias, geometry, act, fmt)
-    elif _dispatch.transforms_active():
-        # torch.func transforms: the kernels cannot read transformed tensors (no data pointer).
+    if _dispatch.transforms_active():
+        # torch.func transforms (also when compiled): the kernels cannot read transformed
+        # tensors (no data pointer), and the registered op cannot be vmapped.
         out = with_torch_ops(x, weight, bias, geometry, act)
+    elif _dispatch.in_graph():
+        out = _in_graph(x, weight, bias, geometry, act, fmt)
     else:
         try:
             kern = _dispatch.kernels_for("conv", x.device, x.dtype)

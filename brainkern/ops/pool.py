@@ -265,6 +265,12 @@ def _backend(x):
     return _dispatch.graph_backend("pool", x.device, x.dtype)
 
 
+def _with_torch_ops(name, *args):
+    """Under torch.func transforms (grad, vmap, ...; compiled or not) the kernels cannot read the
+    transformed tensors and the registered ops cannot be vmapped: torch's own pooling runs."""
+    return getattr(torch.nn.functional, name)(*args)
+
+
 def _squeeze(t, unbatched):
     return t.squeeze(0) if unbatched else t
 
@@ -274,6 +280,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """torch.nn.functional.max_pool2d: NaN wins a window, as in torch; indices are torch's
     (flat ``h * W + w`` in each plane, usable by max_unpool2d)."""
     *args, out_hw = _window_args(input, kernel_size, stride, padding, dilation, ceil_mode)
+    if _dispatch.transforms_active():  # torch.func: see _with_torch_ops
+        return _with_torch_ops("max_pool2d", input, kernel_size, stride, padding, dilation,
+                               ceil_mode, return_indices)
     x, fmt, unbatched = _prepare(input)
     kern = _kernels_or_graph(x)
     if kern is None:
@@ -297,6 +306,9 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                                          or divisor_override == 0):
         raise ValueError(f"divisor_override: expected a non-zero int or None, got "
                          f"{divisor_override!r}")
+    if _dispatch.transforms_active():
+        return _with_torch_ops("avg_pool2d", input, kernel_size, stride, padding, ceil_mode,
+                               count_include_pad, divisor_override)
     args = (kernel, stride, padding, bool(count_include_pad), int(divisor_override or 0))
     return _avg(input, args, out_hw)
 
@@ -310,6 +322,8 @@ def adaptive_avg_pool2d(input, output_size):
         raise ValueError(f"output_size: expected an int or a pair, got {output_size!r}")
     sizes = tuple(input.shape[-2 + i] if s is None else s for i, s in enumerate(sizes))
     out_hw = pair("output_size", sizes, 1)
+    if _dispatch.transforms_active():
+        return _with_torch_ops("adaptive_avg_pool2d", input, out_hw)
     return _avg(input, (), out_hw)
 
 
