@@ -68,7 +68,9 @@ def max_pool2d_forward_kernel(
     h_first = tl.where(h_start < 0, h_start + (DH - 1 - h_start) // DH * DH, h_start)
     w_first = tl.where(w_start < 0, w_start + (DW - 1 - w_start) // DW * DW, w_start)
     plane = p * H * W
-    best = tl.full((BLOCK,), float("-inf"), x_ptr.dtype.element_ty)
+    # fp16/bf16 compare as fp32: exact, and Triton's interpreter compares bf16 as raw bits.
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    best = tl.full((BLOCK,), float("-inf"), acc_dtype)
     best_at = h_first * W + w_first
     for kh in range(KH):
         h = h_start + kh * DH
@@ -77,11 +79,11 @@ def max_pool2d_forward_kernel(
             w = w_start + kw * DW
             ok = row_ok & (w >= 0) & (w < W)
             tap = h * W + w
-            v = tl.load(x_ptr + (plane + tap) * Q + q, mask=ok, other=float("-inf"))
+            v = tl.load(x_ptr + (plane + tap) * Q + q, mask=ok, other=float("-inf")).to(acc_dtype)
             wins = ok & ((v > best) | (v != v))
             best = tl.where(wins, v, best)
             best_at = tl.where(wins, tap, best_at)
-    tl.store(out_ptr + offs, best, mask=mask)
+    tl.store(out_ptr + offs, best.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_INDICES:
         tl.store(indices_ptr + offs, best_at, mask=mask)
 
@@ -109,6 +111,9 @@ def max_pool2d_backward_kernel(
     p = lane // Q
     q = lane % Q
     x_column = grad_x_ptr + p * HW * Q + q
+    # Adds in fp32 for fp16/bf16: one rounding per add, as in the dtype itself, and Triton's
+    # interpreter adds bf16 as raw bits.
+    acc_dtype = tl.float64 if grad_x_ptr.dtype.element_ty == tl.float64 else tl.float32
     zero = tl.zeros((BLOCK,), grad_x_ptr.dtype.element_ty)
     for i in range(HW):
         tl.store(x_column + i * Q, zero, mask=mask)
@@ -118,7 +123,8 @@ def max_pool2d_backward_kernel(
         g = tl.load(grad_out_ptr + out_offs + o * Q, mask=mask, other=0.0)
         dst = x_column + at * Q
         # The same lane stored ``dst`` (if at all) in an earlier iteration: its own write.
-        tl.store(dst, tl.load(dst, mask=mask) + g, mask=mask)
+        total = tl.load(dst, mask=mask).to(acc_dtype) + g.to(acc_dtype)
+        tl.store(dst, total.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
