@@ -41,6 +41,9 @@ struct ConvKernels {
   // when pre is not null; v[r, j] = act(z). v and pre: rows x cols with row strides ldv, ldp.
   void (*bias_act)(float* v, int64_t ldv, float* pre, int64_t ldp, int64_t rows, int64_t cols,
                    const float* bias, bool bias_per_row, int act, float act_param);
+  // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: NCHW <-> NHWC for one image.
+  void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows,
+                    int64_t cols);
   // Direct convolution for groups whose every output channel reads one input channel
   // (depthwise, with any channel multiplier): images [n0, n1) of out (and pre), bias and
   // activation applied. No GEMM: a reduction of kh * kw cannot fill a register tile.
