@@ -29,6 +29,17 @@ SCATTER_NUM_WARPS = 1
 
 
 @triton.jit
+def _offsets(BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """This program's BLOCK element offsets: int64 when a tensor has 2^31 elements or more,
+    else int32, whose divisions (4 per element) cost a fraction of int64's emulated ones."""
+    if WIDE:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return offs
+
+
+@triton.jit
 def _split(offs, Q, Wo, Ho):
     """(p, oh, ow, q) of flat offsets into a contiguous (P, Ho, Wo, Q) array."""
     q = offs % Q
@@ -44,6 +55,7 @@ def max_pool2d_forward_kernel(
     total, H, W, Q, Ho, Wo,
     KH, KW, SH, SW, PH, PW, DH, DW,
     HAS_INDICES: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Max pooling: each output the maximum of its window's in-bounds taps.
@@ -55,12 +67,13 @@ def max_pool2d_forward_kernel(
             not written unless HAS_INDICES.
         total: P * Ho * Wo * Q, the number of outputs.
         KH, KW, SH, SW, PH, PW, DH, DW: kernel size, stride, padding, dilation.
+        WIDE: int64 offsets (x or out has 2^31 elements or more).
         BLOCK: Outputs per program.
 
     A tap wins when greater than the best so far or NaN (torch's rule and scan order: the first
     maximum, the last NaN); the index starts at the window's first in-bounds tap, as torch's.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _offsets(BLOCK, WIDE)
     mask = offs < total
     p, oh, ow, q = _split(offs, Q, Wo, Ho)
     h_start = oh * SH - PH
@@ -92,6 +105,7 @@ def max_pool2d_forward_kernel(
 def max_pool2d_backward_kernel(
     grad_out_ptr, indices_ptr, grad_x_ptr,
     lanes, Q, HW, HoWo,
+    WIDE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """grad_x = grad_out added at the taps its indices name, zeros elsewhere.
@@ -102,11 +116,12 @@ def max_pool2d_backward_kernel(
         grad_x_ptr: Pointer to the input's gradient, (P, H, W, Q) contiguous, written whole.
         lanes: P * Q, the (p, q) columns; each lane of each program owns one.
         HW, HoWo: H * W and Ho * Wo.
+        WIDE: int64 offsets (grad_x or grad_out has 2^31 elements or more).
         BLOCK: Columns per program.
 
     A lane's adds hit only its own column and run in output order: deterministic, no atomics.
     """
-    lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    lane = _offsets(BLOCK, WIDE)
     mask = lane < lanes
     p = lane // Q
     q = lane % Q
@@ -161,6 +176,7 @@ def avg_pool2d_forward_kernel(
     KH, KW, SH, SW, PH, PW, divisor,
     COUNT_INCLUDE_PAD: tl.constexpr,
     ADAPTIVE: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Average pooling: each output its window's in-bounds sum / the window's divisor.
@@ -173,9 +189,10 @@ def avg_pool2d_forward_kernel(
         divisor: divisor_override when > 0.
         COUNT_INCLUDE_PAD: Count padded taps in the divisor.
         ADAPTIVE: torch's adaptive windows (see _window).
+        WIDE: int64 offsets (x or out has 2^31 elements or more).
         BLOCK: Outputs per program.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _offsets(BLOCK, WIDE)
     mask = offs < total
     p, oh, ow, q = _split(offs, Q, Wo, Ho)
     h_start, h_end, h_pad_end = _window(oh, H, Ho, KH, SH, PH, ADAPTIVE)
@@ -215,6 +232,7 @@ def avg_pool2d_backward_kernel(
     KH, KW, SH, SW, PH, PW, divisor, MAX_OH, MAX_OW,
     COUNT_INCLUDE_PAD: tl.constexpr,
     ADAPTIVE: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Average pooling's adjoint, gathered: each input element sums grad_out / divisor over the
@@ -224,11 +242,11 @@ def avg_pool2d_backward_kernel(
         grad_out_ptr: Pointer to the output's gradient, (P, Ho, Wo, Q) contiguous.
         grad_x_ptr: Pointer to the input's gradient, (P, H, W, Q) contiguous, written whole.
         total: P * H * W * Q, the number of inputs.
-        KH ... divisor, COUNT_INCLUDE_PAD, ADAPTIVE: as avg_pool2d_forward_kernel.
+        KH ... divisor, COUNT_INCLUDE_PAD, ADAPTIVE, WIDE: as avg_pool2d_forward_kernel.
         MAX_OH, MAX_OW: the most windows covering one input position along each axis.
         BLOCK: Inputs per program.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _offsets(BLOCK, WIDE)
     mask = offs < total
     p, h, w, q = _split(offs, Q, W, H)
     oh_first, oh_last = _covering(h, H, Ho, KH, SH, PH, ADAPTIVE)
@@ -251,6 +269,10 @@ def avg_pool2d_backward_kernel(
     tl.store(grad_x_ptr + offs, acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
+def _wide(*tensors) -> bool:
+    return max(t.numel() for t in tensors) >= 2**31
+
+
 def _layout(*tensors):
     """(P, Q) of the (P, H, W, Q) view: NHWC when any tensor is not NCHW-contiguous (a tensor
     that is both, C == 1 or H == W == 1, has one memory order for the two formats)."""
@@ -270,7 +292,7 @@ def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
         x, out, out if indices is None else indices,
         total, x.shape[2], x.shape[3], Q, out.shape[2], out.shape[3],
         *kernel_size, *stride, *padding, *dilation,
-        HAS_INDICES=indices is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        HAS_INDICES=indices is not None, WIDE=_wide(x, out), BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
 
 
@@ -285,7 +307,7 @@ def max_pool2d_backward(grad_out, indices, grad_x):
     (H, W), (Ho, Wo) = grad_x.shape[2:], grad_out.shape[2:]
     max_pool2d_backward_kernel[(triton.cdiv(P * Q, SCATTER_BLOCK),)](
         grad_out, indices, grad_x, P * Q, Q, H * W, Ho * Wo,
-        BLOCK=SCATTER_BLOCK, num_warps=SCATTER_NUM_WARPS,
+        WIDE=_wide(grad_x, grad_out), BLOCK=SCATTER_BLOCK, num_warps=SCATTER_NUM_WARPS,
     )
 
 
@@ -297,7 +319,7 @@ def _avg_forward(x, out, kernel_size, stride, padding, count_include_pad, diviso
     avg_pool2d_forward_kernel[(triton.cdiv(total, BLOCK),)](
         x, out, total, x.shape[2], x.shape[3], Q, out.shape[2], out.shape[3],
         *kernel_size, *stride, *padding, divisor,
-        COUNT_INCLUDE_PAD=count_include_pad, ADAPTIVE=adaptive, BLOCK=BLOCK,
+        COUNT_INCLUDE_PAD=count_include_pad, ADAPTIVE=adaptive, WIDE=_wide(x, out), BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
 
@@ -314,7 +336,8 @@ def _avg_backward(grad_out, grad_x, kernel_size, stride, padding, count_include_
     avg_pool2d_backward_kernel[(triton.cdiv(total, BLOCK),)](
         grad_out, grad_x, total, grad_x.shape[2], grad_x.shape[3], Q, grad_out.shape[2],
         grad_out.shape[3], *kernel_size, *stride, *padding, divisor, *covering,
-        COUNT_INCLUDE_PAD=count_include_pad, ADAPTIVE=adaptive, BLOCK=BLOCK,
+        COUNT_INCLUDE_PAD=count_include_pad, ADAPTIVE=adaptive, WIDE=_wide(grad_x, grad_out),
+        BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
 
