@@ -115,29 +115,37 @@ Optionally, a backend fuses the conv block (brainkern/ops/conv_block.py) into on
 Pooling family (``pool``)
 -------------------------
 
-x (N, C, H, W) and out (N, C, H_out, W_out) contiguous in the same format (NCHW or NHWC), as
-for conv; ``kernel_size``, ``stride``, ``padding``, ``dilation`` (h, w) pairs; the output's
-size (ceil_mode resolved by the ops layer) is out's shape.
+x (N, C, H, W) and out (N, C, H_out, W_out), and grad_x / grad_out of the same shapes, all
+contiguous in one format (NCHW or NHWC), as for conv; ``kernel_size``, ``stride``, ``padding``,
+``dilation`` (h, w) pairs; the output's size (ceil_mode resolved by the ops layer with torch's
+rule) is out's shape. Window (oh, ow) starts at ``(oh * sh - ph, ow * sw - pw)``; its taps past
+the input are skipped. The ops layer's checks (padding at most half the kernel, a last window
+starting inside the input or its left padding) leave every window at least one in-bounds tap.
+N may be 0 (nothing to write).
 
 ``max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation) -> None``
-    out = the maximum over each window's in-bounds taps, NaN winning as in torch (the first
-    NaN's tap); indices: int64 of out's shape and format or None, written with the winning
-    tap's flat index ``h * W + w`` in its (n, c) plane (torch's, usable by max_unpool2d); the
-    first maximum wins ties.
+    out = the maximum over each window's in-bounds taps; indices: int64 of out's shape and
+    format or None, written with the winning tap's flat index ``h * W + w`` in its (n, c)
+    plane (torch's, usable by max_unpool2d). torch's rule and scan order (rows, then columns):
+    a tap replaces the best so far when greater or NaN, so the first maximum wins ties, the
+    last NaN wins a window with NaNs, and a window of -inf keeps its first in-bounds tap.
 ``max_pool2d_backward(grad_out, indices, grad_x) -> None``
     grad_x (x's shape, NCHW or NHWC) = the sum of grad_out over the taps that won, written
-    whole (zeros elsewhere), deterministically.
+    whole (zeros elsewhere), deterministically (the same bits on any thread count).
 ``avg_pool2d_forward(x, out, kernel_size, stride, padding, count_include_pad, divisor) ->
     None``
     out = sum over the window's in-bounds taps / divisor when divisor > 0 (divisor_override),
-    else / the window's size clipped to the padded input (count_include_pad) or to the input.
+    else / the window's tap count: with count_include_pad, per axis ``min(start + k, size +
+    pad) - start`` (the padded input, clipped at the far padding as torch's ceil_mode does),
+    else the in-bounds taps.
 ``avg_pool2d_backward(grad_out, grad_x, kernel_size, stride, padding, count_include_pad,
                       divisor) -> None``
     The adjoint: every tap of every window receives grad_out / that window's divisor.
 ``adaptive_avg_pool2d`` runs on these two: the ops layer computes each output's window
     (``start = floor(i * H / H_out)``, ``end = ceil((i + 1) * H / H_out)``) and, where those
     are not one uniform stride, the pool kernels ``adaptive_avg_pool2d_forward(x, out)`` and
-    ``adaptive_avg_pool2d_backward(grad_out, grad_x)``.
+    ``adaptive_avg_pool2d_backward(grad_out, grad_x)`` (any output size, larger than the input
+    included: windows then overlap), each window's mean and its adjoint.
 """
 
 import torch
