@@ -31,7 +31,11 @@ def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
 
 
 def max_pool2d_backward(grad_out, indices, grad_x):
-    """grad_x = grad_out summed into each window's winning tap, zeros elsewhere."""
+    """grad_x = grad_out summed into each window's winning tap, zeros elsewhere.
+
+    torch's scatter_add: deterministic on the CPU; on CUDA it adds with atomics, so overlapping
+    windows may sum in any order there, as torch's own max_pool2d backward does.
+    """
     n, c, h, w = grad_x.shape
     flat = torch.zeros((n * c, h * w), dtype=grad_x.dtype, device=grad_x.device)
     if flat.numel():
