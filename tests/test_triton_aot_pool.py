@@ -17,7 +17,6 @@ import subprocess
 import sys
 
 import pytest
-
 import test_triton_aot as linear_aot
 
 INTS = {
