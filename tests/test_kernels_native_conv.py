@@ -295,3 +295,19 @@ def test_family_declares_what_it_serves():
     assert native_conv.DEVICES == ("cpu",)
     assert native_conv.DTYPES == (torch.float32, torch.float64)
     assert TOLERANCE[torch.float32] == 1e-5
+
+
+def test_float64_goes_to_the_numba_kernels():
+    """float64 is served (DTYPES) by delegating to brainkern.kernels.numba.conv."""
+    case = CASES[3]
+    x, w, b, params = inputs(case)
+    x, w, b = x.double(), w.double(), b.double()
+    shape = (x.shape[0], w.shape[0], *out_size(case))
+    out = torch.full(shape, float("nan"), dtype=torch.float64)
+    call("conv2d_forward", x, w, b, out, None, *params, A.TANH, 0.0)
+    z = reference_conv(x, w, *params, shape[2:]) + b[:, None, None]
+    assert_close(out, torch.tanh(z), torch.float64)
+    grad_w = torch.full(w.shape, float("nan"), dtype=torch.float64)
+    grad = torch.randn(shape, dtype=torch.float64)
+    call("conv2d_backward_weight", grad, x, grad_w, *params)
+    assert_close(grad_w, weight_grad_reference(grad, x, w.shape, *params), torch.float64)
