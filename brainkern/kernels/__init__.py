@@ -150,6 +150,9 @@ N may be 0 (nothing to write).
 
 import torch
 
+# Registers the fork handler at brainkern's import (ops import this package): a fork before a
+# CPU backend's kernels are first imported must be seen too (brainkern/kernels/_openmp.py).
+from brainkern.kernels import _openmp  # noqa: F401
 from brainkern.activations import NONE
 
 

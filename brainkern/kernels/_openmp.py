@@ -10,8 +10,8 @@ of such a parent, and every descendant of that child, runs brainkern's kernels s
 (DataLoader workers also run torch on one thread). Threads that are not OpenMP's make a child
 serial needlessly, which costs speed, never correctness.
 
-The handler is registered when a CPU backend's kernels are first imported; a fork before that
-is not seen.
+The handler is registered when brainkern is imported (brainkern/kernels/__init__.py imports
+this module); a fork before that is not seen.
 """
 
 from __future__ import annotations

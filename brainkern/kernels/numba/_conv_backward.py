@@ -262,8 +262,10 @@ def conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, a
         if grad_bias is not None:
             grad_bias.zero_()
         return
-    assert saves_output(int(act_code), float(act_param)) == bool(saved_is_output), (
-        "saved tensor does not match the activation")
+    if saves_output(int(act_code), float(act_param)) != bool(saved_is_output):
+        raise ValueError("conv2d_activation_backward: saved_is_output does not match the "
+                         "activation (it saves the "
+                         f"{'output' if saved_is_output else 'pre-activation'} per the caller)")
     # Blocks of whole rows, about _BLOCK_ELEMENTS each, fixed by the shape alone.
     rows_per_block = max(1, min(height, _BLOCK_ELEMENTS // max(1, channels * width)))
     blocks = batch * _cdiv(height, rows_per_block)
