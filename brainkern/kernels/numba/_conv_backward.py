@@ -262,10 +262,11 @@ def conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, a
         if grad_bias is not None:
             grad_bias.zero_()
         return
-    if saves_output(int(act_code), float(act_param)) != bool(saved_is_output):
-        raise ValueError("conv2d_activation_backward: saved_is_output does not match the "
-                         "activation (it saves the "
-                         f"{'output' if saved_is_output else 'pre-activation'} per the caller)")
+    keeps_output = saves_output(int(act_code), float(act_param))
+    if keeps_output != bool(saved_is_output):
+        raise ValueError(f"conv2d_activation_backward: activation {act_code} ({act_param}) saves "
+                         f"the {'output' if keeps_output else 'pre-activation'}, but "
+                         f"saved_is_output={saved_is_output}")
     # Blocks of whole rows, about _BLOCK_ELEMENTS each, fixed by the shape alone.
     rows_per_block = max(1, min(height, _BLOCK_ELEMENTS // max(1, channels * width)))
     blocks = batch * _cdiv(height, rows_per_block)
