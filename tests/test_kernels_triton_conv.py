@@ -10,10 +10,10 @@ split-K passes. Tests marked ``gpu`` take real sizes and the half types on a CUD
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kernels_triton import ACT_IDS, ACTIVATIONS, reference_derivative
 
 from brainkern.kernels.triton import conv as triton_conv
 from helpers import TF32_TOLERANCE, assert_close, poisoned
-from test_kernels_triton import ACT_IDS, ACTIVATIONS, reference_derivative
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -6,11 +6,11 @@ checked for errors, shared memory within the target's limit and register spills.
 ``python tests/test_triton_aot_conv.py`` prints the resource table.
 
 The matrix:
-- conv_gemm_kernel and conv_weight_grad_kernel: every autotune config x {fp16, fp32 tf32} and
-  every fp32 ieee config (CUDA-core dot) x {sm_80, sm_90}, in NHWC with the heaviest epilogue (gelu_tanh + bias + pre) for
-  the forward, whose both reduction loops (CHANNEL_BLOCKS, and the flattened one of stems) are
-  compiled; the transposed forward, every config in fp16 on both archs; bf16 (lowers as fp16)
-  on one config and fp64 on its config, per arch and direction.
+- conv_gemm_kernel and conv_weight_grad_kernel: every autotune config x {fp16, fp32 tf32}, and
+  every fp32 ieee config (CUDA-core dot), x {sm_80, sm_90}, in NHWC with the heaviest epilogue
+  (gelu_tanh + bias + pre) for the forward, whose both reduction loops (CHANNEL_BLOCKS, and the
+  flattened one of stems) are compiled; the transposed forward, every config in fp16 and tf32
+  on both archs; bf16 (lowers as fp16) on one config and fp64 on its config, per arch and direction.
 - NCHW and the any-strides variant (nothing specialised or aligned) on one config per arch.
 - every activation on one config, fp16 and fp64, sm_90 (the epilogue's math differs by type).
 - conv_direct_kernel: every dtype x both directions x both archs.
@@ -152,9 +152,12 @@ def cases():
     configs = [described(c, name(c)) for c in fwd.CONV_CONFIGS]
     ieee_configs = [described(c, name(c)) for c in fwd.FP32_IEEE_CONFIGS]
     fp64 = described(fwd.FP64_CONFIG, "fp64")
-    direct = {"name": "direct", "kwargs": {"BLOCK_M": fwd.DIRECT_BLOCK_M,
-                                           "BLOCK_C": fwd.DIRECT_BLOCK_C},
-              "num_warps": fwd.DIRECT_NUM_WARPS, "num_stages": 1}
+    def direct(dtype):
+        block_c = fwd.DIRECT_BLOCK_C_FP64 if dtype == "fp64" else fwd.DIRECT_BLOCK_C
+        # No sizes in the name: the parent (interpreting) and the children see different ones.
+        return {"name": "direct",
+                "kwargs": {"BLOCK_M": fwd.DIRECT_BLOCK_M, "BLOCK_C": block_c},
+                "num_warps": fwd.DIRECT_NUM_WARPS, "num_stages": 1}
     gemm = "conv_gemm_kernel"
     out = []
     for arch in ARCHS:
@@ -168,6 +171,8 @@ def cases():
                 out.append(_weight_grad_case(dtype, arch, config, precision))
         for config in configs:
             out.append(_conv_case(gemm, "fp16", arch, config, transposed=True))
+            out.append(_conv_case(gemm, "fp32", arch, config, transposed=True, precision="tf32"))
+        out.append(_conv_case(gemm, "fp32", arch, ieee_configs[0], transposed=True))
         out.append(_conv_case(gemm, "fp16", arch, configs[0], transposed=True,
                               channel_blocks=False))
         for transposed in (False, True):
@@ -176,10 +181,10 @@ def cases():
                 out.append(_conv_case(gemm, "fp64", arch, fp64, transposed,
                                       channel_blocks=channel_blocks))
             for dtype in DTYPES:
-                out.append(_conv_case("conv_direct_kernel", dtype, arch, direct, transposed))
+                out.append(_conv_case("conv_direct_kernel", dtype, arch, direct(dtype), transposed))
         out.append(_weight_grad_case("bf16", arch, configs[0]))
         out.append(_weight_grad_case("fp64", arch, fp64))
-        for dtype, config in (("fp16", configs[3]), ("fp32", ieee_configs[2])):
+        for dtype, config in (("fp16", configs[-1]), ("fp32", ieee_configs[-1])):
             out.append(_conv_case(gemm, dtype, arch, config, layout="nchw"))
             out.append(_weight_grad_case(dtype, arch, config, layout="nchw"))
             out.append(_conv_case(gemm, dtype, arch, config, layout="any", channel_blocks=False))
@@ -188,7 +193,7 @@ def cases():
             out.append(_activation_backward_case(dtype, arch, GELU))
     for act in range(8):
         if act != GELU_TANH:
-            out.append(_conv_case(gemm, "fp16", 90, configs[3], act=act))
+            out.append(_conv_case(gemm, "fp16", 90, configs[-1], act=act))
             out.append(_conv_case(gemm, "fp64", 90, fp64, act=act))
     for act in range(1, 8):
         out.append(_activation_backward_case("fp32", 90, act))

@@ -6,8 +6,9 @@ Both directions are one loop nest. Along each spatial dimension an output index 
 ``o = residue + q * out_step`` and the input row a tap ``j`` (0 <= j < count) reads is
 ``i = q * in_step + base + j * tap``, with kernel index ``k0 + j * k_step``:
 
-- convolution: one phase, ``residue 0, out_step 1, in_step = stride, base = -pad, tap = dil,
-  k0 0, k_step 1, count = kernel size`` (``i = o * s - p + k * d``);
+- convolution: one phase (grid axis 2 of size 1, k_step 1 from the launcher), ``residue 0,
+  out_step 1, in_step = stride, base = -pad, tap = dil, k0 0, count = kernel size``
+  (``i = o * s - p + k * d``);
 - transposed convolution, gather form: ``z[o]`` sums ``x[i] * w[k]`` over ``i * s - p + k * d
   == o``, i.e. over the taps with ``(o + p - k * d) % s == 0``. Which taps those are depends only
   on ``o % s``: the outputs split into ``s`` phases (grid axis 2 holds ``s_h * s_w`` of them), and
@@ -30,35 +31,32 @@ def _config(block_m, block_n, block_k, num_warps, num_stages):
 
 
 # Tensor-core tiles (fp16, bf16, fp32 as tf32): M output pixels, N output channels of a group,
-# K input channels x taps. Checked by tests/test_triton_aot_conv.py: all fit sm_80's shared
-# memory and none spills on sm_80 or sm_90 with the heaviest epilogue. Two stages, not linear's
-# four: the gathered A tile's index math and masks take the registers a deeper software
-# pipeline would hold its loads in, and at three stages sm_80 spills.
+# K input channels x taps. Checked by tests/test_triton_aot_conv.py: both fit sm_80's shared
+# memory and neither spills on sm_80 or sm_90 with the heaviest epilogue, in both reduction
+# loops, both directions and the weight gradient. The gathered A tile carries index math and
+# masks per element: 8 warps (with 4 these spill) and two stages, not linear's four. Tiles that
+# spilled somewhere in that matrix: 128 x 128 (flattened tf32 loop), 128 x 32 (sm_80 tf32 block
+# loop), 64 x 64 (sm_80: at two stages the transposed fp16 block loop, at one the tf32 flat loop).
 CONV_CONFIGS = [
-    _config(128, 128, 32, num_warps=8, num_stages=2),  # large layers
-    _config(128, 64, 32, num_warps=4, num_stages=2),  # many pixels, 64 channels
-    _config(64, 128, 32, num_warps=4, num_stages=2),  # wide layers on small images
-    _config(64, 64, 32, num_warps=4, num_stages=2),  # mid-sized: more programs per SM
-    _config(128, 32, 32, num_warps=4, num_stages=2),  # narrow outputs (RGB heads, 16-32 channels)
+    _config(128, 64, 32, num_warps=8, num_stages=2),  # many pixels, up to 64 channels
+    _config(64, 128, 32, num_warps=8, num_stages=2),  # wide layers on small images
 ]
-# fp32 without TF32 runs tl.dot on CUDA cores, holding each operand tile in registers: 128 x 128
-# spills, and so does any software pipelining; these do not.
-FP32_IEEE_CONFIGS = [
-    _config(128, 64, 32, num_warps=8, num_stages=1),
-    _config(64, 128, 32, num_warps=8, num_stages=1),
-    _config(64, 64, 32, num_warps=4, num_stages=1),
-    _config(128, 32, 32, num_warps=4, num_stages=1),
-]
+# fp32 without TF32 runs tl.dot on CUDA cores, holding each operand tile in registers: on sm_80
+# every larger tile tried spilled in some layout (NCHW worst), as did this one at one stage.
+# TF32 is torch's default for convolutions; this precision gets one small tile that does not.
+FP32_IEEE_CONFIGS = [_config(32, 32, 16, num_warps=4, num_stages=2)]
 # fp64 is for gradcheck, not speed: one small tile that does not spill (as linear's FP64_CONFIG).
-FP64_CONFIG = _config(32, 32, 16, num_warps=4, num_stages=2)
+FP64_CONFIG = _config(32, 32, 16, num_warps=4, num_stages=1)
 # Under the interpreter: one config, with tiles small enough that tiny test layers span several
 # programs along M and N, several K steps and partial edge tiles.
 INTERPRETER_CONFIG = _config(32, 16, 16, num_warps=4, num_stages=1)
 
-# The direct (depthwise) kernel has no tl.dot, so no tile minimum: pixels x channels.
+# The direct (depthwise) kernel has no tl.dot, so no tile minimum: pixels x channels. fp64
+# takes half the channels: 64 x 32 spills there.
 DIRECT_BLOCK_M = 16 if _interpreting() else 64
 DIRECT_BLOCK_C = 8 if _interpreting() else 32
-DIRECT_NUM_WARPS = 8
+DIRECT_BLOCK_C_FP64 = 8 if _interpreting() else 16
+DIRECT_NUM_WARPS = 4
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -222,7 +220,6 @@ def conv_gemm_kernel(
                     b = tl.load(w_tap[None, :] + (c * stride_wc)[:, None])
                     acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        x_pixels = x_rows + ih0 * stride_xh + iw0 * stride_xw
         K = count_h * count_w * C_group
         for k_start in range(0, K, BLOCK_K):
             # Reductions of 1-15 (a 1- or 3-channel stem) ride in one 16-wide step, masked.
@@ -232,15 +229,12 @@ def conv_gemm_kernel(
             taps = k // C_group
             j_h = taps // count_w
             j_w = taps % count_w
-            col_h = j_h * tap_h
-            col_w = j_w * tap_w
-            ih = ih0[:, None] + col_h[None, :]
-            iw = iw0[:, None] + col_w[None, :]
+            ih = ih0[:, None] + (j_h * tap_h)[None, :]
+            iw = iw0[:, None] + (j_w * tap_w)[None, :]
             a_mask = (mask_m[:, None] & mask_k[None, :]
                       & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            a = tl.load(x_pixels[:, None]
-                        + (c * stride_xc + col_h * stride_xh + col_w * stride_xw)[None, :],
-                        mask=a_mask, other=0.0)
+            a = tl.load(x_rows[:, None] + (c * stride_xc)[None, :] + ih * stride_xh
+                        + iw * stride_xw, mask=a_mask, other=0.0)
             w_offs = (c * stride_wc + (k0_h + j_h * k_step_h) * stride_wh
                       + (k0_w + j_w * k_step_w) * stride_ww)
             b = tl.load(w_cols[None, :] + w_offs[:, None], mask=mask_k[:, None], other=0.0)

@@ -20,6 +20,7 @@ from brainkern.kernels.triton._conv_backward import (
 from brainkern.kernels.triton._conv_forward import (
     CHANNEL_BLOCK,
     DIRECT_BLOCK_C,
+    DIRECT_BLOCK_C_FP64,
     DIRECT_BLOCK_M,
     DIRECT_NUM_WARPS,
     conv_direct_kernel,
@@ -90,10 +91,11 @@ def _convolve(x, weight, bias, out, pre, stride, padding, dilation, groups, act_
     flags = {"TRANSPOSED": transposed, "ACT": act_code, "HAS_BIAS": bias is not None,
              "STORE_PRE": pre is not None}
     if groups > 1 and c_group == 1:
-        grid = (triton.cdiv(m, DIRECT_BLOCK_M), triton.cdiv(c_out, DIRECT_BLOCK_C), phases)
+        block_c = DIRECT_BLOCK_C_FP64 if x.dtype == torch.float64 else DIRECT_BLOCK_C
+        grid = (triton.cdiv(m, DIRECT_BLOCK_M), triton.cdiv(c_out, block_c), phases)
         conv_direct_kernel[grid](
             *args, c_out, m, kh, kw, *strides, **flags,
-            BLOCK_M=DIRECT_BLOCK_M, BLOCK_C=DIRECT_BLOCK_C, num_warps=DIRECT_NUM_WARPS,
+            BLOCK_M=DIRECT_BLOCK_M, BLOCK_C=block_c, num_warps=DIRECT_NUM_WARPS,
         )
         return
 
