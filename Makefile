@@ -1,7 +1,7 @@
 # The README's commands. Each sets itself up on a fresh machine, then runs.
 #   make demo   set up, then run the Linear layer against torch (correctness and speed)
 #   make test   set up, then run the whole test suite
-#   make bench  set up, then run `brainkern bench linear`
+#   make bench  set up, then run `brainkern bench linear`, `conv` and `pool`
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,6 +32,8 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/brainkern bench linear
+	$(VENV)/bin/brainkern bench conv
+	$(VENV)/bin/brainkern bench pool
 
 clean:
 	rm -rf build brainkern/*.so *.egg-info
