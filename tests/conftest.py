@@ -14,7 +14,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from brainkern.kernels.native import conv as native_conv  # noqa: E402
 from brainkern.kernels.native import linear as native_linear  # noqa: E402
+
+# Every native kernel with a check_<name> twin, per family module.
+_CHECKED_NATIVE_KERNELS = [
+    (module, name) for module in (native_linear, native_conv) for name in dir(module)
+    if not name.startswith(("check_", "_")) and hasattr(module, f"check_{name}")
+]
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +40,11 @@ def _native_kernels_check_their_arguments(monkeypatch):
     what makes that safe: with this, every test that goes through the ops layer also shows that
     it hands the kernels only arguments they can run.
     """
-    for name in ("linear_forward", "activation_backward", "linear_backward"):
-        kernel, check = getattr(native_linear, name), getattr(native_linear, f"check_{name}")
+    for module, name in _CHECKED_NATIVE_KERNELS:
+        kernel, check = getattr(module, name), getattr(module, f"check_{name}")
 
         def checked(*args, _kernel=kernel, _check=check, **kwargs):
             _check(*args)
             return _kernel(*args, **kwargs)
 
-        monkeypatch.setattr(native_linear, name, checked)
+        monkeypatch.setattr(module, name, checked)
