@@ -38,7 +38,8 @@ def info() -> str:
 
 
 def demo() -> int:
-    """The Linear layer against torch on every CPU backend: correctness, then speed."""
+    """Linear, the CNN's conv block and a transposed conv against torch on every CPU backend:
+    correctness, then speed."""
     import torch
 
     import brainkern.nn as bnn
@@ -71,9 +72,54 @@ def demo() -> int:
         ok &= good
         detail = ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
         print(f"  {name:7s} {'ok  ' if good else 'FAIL'} relative error: {detail}")
+    ok &= _demo_conv()
     print("\nspeed (float32, 2 threads):")
     print(bench.run_linear(sizes=(512, 1024), batches=(64, 512), command="make demo"))
+    from brainkern import bench_conv
+
+    print()
+    print(bench_conv.run_conv(groups=("cnn", "models"), command="make demo"))
+    print()
+    print(bench_conv.run_pool(command="make demo"))
     return 0 if ok else 1
+
+
+def _demo_conv() -> bool:
+    """The CNN's block, Conv2d(32 -> 64, 5x5) + ReLU + MaxPool2d(2), and a DCGAN upsampling
+    ConvTranspose2d against torch in float64, on every CPU backend, channels_last input."""
+    import copy
+
+    import torch
+
+    from brainkern import accelerate, backends, bench
+
+    torch.manual_seed(0)
+    ref_model = torch.nn.Sequential(
+        torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.ConvTranspose2d(64, 16, 4, 2, 1), torch.nn.Tanh()).double()
+    x64 = torch.randn(8, 32, 16, 16, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    ref = ref_model(x64)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    ok = True
+    print("\ncorrectness: Conv2d(32 -> 64, 5x5) + ReLU + MaxPool2d(2) (fused by accelerate), "
+          "ConvTranspose2d(64 -> 16, 4, 2, 1) + Tanh,\nbatch 8, channels_last, float32 vs "
+          "torch float64")
+    for name in bench.cpu_backends() + ["torch"]:
+        model = accelerate(copy.deepcopy(ref_model).float())
+        x = x64.detach().float().requires_grad_()
+        with backends.use_backend(name):
+            y = model(x)
+            y.backward(grad.float())
+        errs = {"output": _rel(y, ref), "d input": _rel(x.grad, x64.grad),
+                "d conv weight": _rel(model[0].weight.grad, ref_model[0].weight.grad),
+                "d convT weight": _rel(model[3].weight.grad, ref_model[3].weight.grad)}
+        good = all(e < 1e-5 for e in errs.values())
+        ok &= good
+        detail = ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        print(f"  {name:7s} {'ok  ' if good else 'FAIL'} relative error: {detail}")
+    return ok
 
 
 def _rel(out, ref) -> float:
@@ -85,7 +131,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="brainkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends built, native ISA, GPU")
-    sub.add_parser("demo", help="the Linear layer against torch: correctness and speed")
+    sub.add_parser("demo", help="Linear, conv and pooling against torch: correctness and speed")
     bench_parser = sub.add_parser("bench", help="benchmarks side by side with torch/vendor libraries")
     bench_parser.add_argument("op", choices=["linear", "conv", "pool"])
     bench_parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048],

@@ -34,3 +34,35 @@ def test_bench_linear_prints_a_table(monkeypatch, tmp_path, capsys):
 def test_bench_rejects_unknown_op():
     with pytest.raises(SystemExit):
         cli.main(["bench", "conv9d"])
+
+
+def test_bench_conv_and_pool_print_tables(monkeypatch, capsys):
+    from brainkern import bench_conv
+
+    def run_once(impls, **_):
+        for impl in impls.values():
+            with bench._backend_of(impl):
+                impl.fn()
+        return dict.fromkeys(impls, 1e-3)
+
+    tiny = [bench_conv.ConvCase("tiny conv", 2, 3, 4, 3, 1, 1, 6),
+            bench_conv.ConvCase("tiny up", 2, 4, 2, 4, 2, 1, 3, transposed=True,
+                                activation="tanh")]
+    monkeypatch.setattr(bench_conv, "time_impls", run_once)
+    monkeypatch.setattr(bench_conv, "CNN_CASES", tiny[:1])
+    monkeypatch.setattr(bench_conv, "RESNET_CASES", tiny[:1])
+    monkeypatch.setattr(bench_conv, "DCGAN_CASES", tiny[1:])
+    monkeypatch.setattr(bench_conv, "POOL_CASES", [("max 2x2", (2, 3, 8, 8)),
+                                                   ("avg 2x2", (2, 3, 8, 8))])
+    assert cli.main(["bench", "conv"]) == 0
+    text = capsys.readouterr().out
+    for impl in ("torch eager", "torch eager channels_last",
+                 *(f"{b} {layout}" for b in bench.cpu_backends()
+                   for layout in ("NCHW", "channels_last"))):
+        assert f"| {impl} |" in text
+    for case in ("tiny conv b2 fwd+bwd", "tiny up b2 fwd", "cnn conv layers (sum) fwd+bwd",
+                 "dcgan generator (sum) fwd"):
+        assert case in text
+    assert cli.main(["bench", "pool"]) == 0
+    text = capsys.readouterr().out
+    assert "max 2x2 (2, 3, 8, 8) fwd+bwd" in text and "GB/s" in text
