@@ -22,16 +22,14 @@ The matrix, and why it is not the full product (0.5-4 s per compile; on a 2-core
 - activation_backward: every activation in fp32, and each other dtype, on both archs.
 """
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import aot_matrix
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-ARCHS = (80, 90)
+ROOT, ARCHS = aot_matrix.ROOT, aot_matrix.ARCHS
 GELU_TANH = 6
 GELU = 5
 
@@ -51,7 +49,7 @@ def _matmul_case(dtype, arch, config, act=GELU_TANH, precision="ieee", specialis
     if specialised:
         constexprs.update(FORWARD_UNIT_STRIDES)
     return {
-        "kernel": "matmul_kernel",
+        "module": "linear", "kernel": "matmul_kernel",
         "id": f"matmul-{dtype}-{precision}-sm{arch}-{config['name']}-act{act}"
               f"{'' if specialised else '-anystrides'}{'' if has_bias else '-nobias'}"
               f"{'' if store_pre else '-nopre'}",
@@ -72,7 +70,7 @@ def _activation_backward_case(dtype, arch, act, has_bias=True):
     # The partial bias sums are fp32 (fp64 for fp64); without a bias grad_pre stands in.
     partial = ("fp64" if dtype == "fp64" else "fp32") if has_bias else dtype
     return {
-        "kernel": "activation_backward_kernel",
+        "module": "linear", "kernel": "activation_backward_kernel",
         "id": f"activation_backward-{dtype}-sm{arch}-act{act}{'' if has_bias else '-nobias'}",
         "arch": arch,
         "types": {**{p: f"*{dtype}" for p in pointers[:3]}, "partial_ptr": f"*{partial}",
@@ -121,64 +119,17 @@ def cases():
     return out
 
 
-def compile_all(matrix):
-    """Compile every case (in this process: it must not be interpreting). Returns {id: result}."""
-    from brainkern.kernels.triton import aot, linear
-
-    results = {}
-    for case in matrix:
-        try:
-            info = aot.compile_kernel(
-                getattr(linear, case["kernel"]), case["types"], case["constexprs"], case["arch"],
-                case["num_warps"], case["num_stages"], case["divisible_by_16"],
-            )
-            results[case["id"]] = {
-                "shared": info.shared_bytes, "fits": info.fits_shared_memory,
-                "registers": info.registers, "stack": info.stack_bytes, "local": info.local_bytes,
-            }
-        except Exception as error:  # noqa: BLE001 - any compile failure, reported per case
-            results[case["id"]] = {"error": f"{type(error).__name__}: {error}"}
-    return results
-
-
 MATRIX = cases()
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Compile the matrix in child processes without TRITON_INTERPRET, one shard per core."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    shards = max(1, min(4, os.cpu_count() or 1))
-    children = [
-        subprocess.Popen([sys.executable, __file__, "--json", f"{i}/{shards}"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(shards)
-    ]
-    results = {}
-    for child in children:
-        stdout, stderr = child.communicate(timeout=1800)
-        assert child.returncode == 0, stderr[-4000:]
-        results.update(json.loads(stdout.splitlines()[-1]))
-    return results
+    return aot_matrix.compile_in_children(__file__)
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=[case["id"] for case in MATRIX])
 def test_compiles(compiled, case):
-    result = compiled[case["id"]]
-    assert "error" not in result, result.get("error")
-    assert result["fits"], f"{result['shared']} bytes of shared memory: over sm_{case['arch']}'s"
-    # Never skipped: cuobjdump ships in Triton's wheel (triton/backends/nvidia/bin), so a missing
-    # figure means a broken install or an unreadable cubin, and spills would go unseen.
-    assert result["registers"] is not None and result["stack"] is not None, (
-        f"no register/spill figures: cuobjdump ({triton_tool('cuobjdump')}) did not run")
-    assert result["stack"] == 0 and result["local"] == 0, f"register spills: {result}"
-
-
-def triton_tool(name):
-    import triton
-
-    return getattr(triton.knobs.nvidia, name).path
+    aot_matrix.check(case, compiled[case["id"]])
 
 
 def test_fp_fusion_default_is_pinned():
@@ -200,20 +151,5 @@ def test_fp_fusion_default_is_pinned():
         assert done.stdout.split()[-2:] == expected.split()
 
 
-def _table(results):
-    lines = [f"{'case':72} {'shared':>8} {'regs':>5} {'stack':>6} {'local':>6}"]
-    for case_id, r in results.items():
-        if "error" in r:
-            lines.append(f"{case_id:72} ERROR {r['error'][:200]}")
-        else:
-            lines.append(f"{case_id:72} {r['shared']:8} {r['registers']!s:>5} {r['stack']!s:>6} "
-                         f"{r['local']!s:>6}")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("run without TRITON_INTERPRET: the kernels must be real @triton.jit functions")
-    shard, shards = map(int, sys.argv[2].split("/")) if len(sys.argv) > 2 else (0, 1)
-    compiled_results = compile_all(MATRIX[shard::shards])
-    print(json.dumps(compiled_results) if "--json" in sys.argv else _table(compiled_results))
+    aot_matrix.main(MATRIX)

@@ -17,16 +17,10 @@ The matrix:
 - conv_activation_backward_kernel: every activation in fp32, the other dtypes on both archs.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+import aot_matrix
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-ARCHS = (80, 90)
+ARCHS = aot_matrix.ARCHS
 GELU = 5
 GELU_TANH = 6
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
@@ -200,74 +194,18 @@ def cases():
     return out
 
 
-def compile_all(matrix):
-    """Compile every case (in this process: it must not be interpreting). Returns {id: result}."""
-    import importlib
-
-    from brainkern.kernels.triton import aot
-
-    results = {}
-    for case in matrix:
-        module = importlib.import_module(f"brainkern.kernels.triton.{case['module']}")
-        try:
-            info = aot.compile_kernel(
-                getattr(module, case["kernel"]), case["types"], case["constexprs"], case["arch"],
-                case["num_warps"], case["num_stages"], case["divisible_by_16"],
-            )
-            results[case["id"]] = {
-                "shared": info.shared_bytes, "fits": info.fits_shared_memory,
-                "registers": info.registers, "stack": info.stack_bytes, "local": info.local_bytes,
-            }
-        except Exception as error:  # noqa: BLE001 - any compile failure, reported per case
-            results[case["id"]] = {"error": f"{type(error).__name__}: {error}"}
-    return results
-
-
 MATRIX = cases()
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Compile the matrix in child processes without TRITON_INTERPRET, one shard per core."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    shards = max(1, min(4, os.cpu_count() or 1))
-    children = [
-        subprocess.Popen([sys.executable, __file__, "--json", f"{i}/{shards}"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(shards)
-    ]
-    results = {}
-    for child in children:
-        stdout, stderr = child.communicate(timeout=3600)
-        assert child.returncode == 0, stderr[-4000:]
-        results.update(json.loads(stdout.splitlines()[-1]))
-    return results
+    return aot_matrix.compile_in_children(__file__)
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=[case["id"] for case in MATRIX])
 def test_compiles(compiled, case):
-    result = compiled[case["id"]]
-    assert "error" not in result, result.get("error")
-    assert result["fits"], f"{result['shared']} bytes of shared memory: over sm_{case['arch']}'s"
-    if result["stack"] is not None:  # None: cuobjdump could not run
-        assert result["stack"] == 0 and result["local"] == 0, f"register spills: {result}"
-
-
-def _table(results):
-    lines = [f"{'case':64} {'shared':>8} {'regs':>5} {'stack':>6} {'local':>6}"]
-    for case_id, r in results.items():
-        if "error" in r:
-            lines.append(f"{case_id:64} ERROR {r['error'][:300]}")
-        else:
-            lines.append(f"{case_id:64} {r['shared']:8} {r['registers']!s:>5} {r['stack']!s:>6} "
-                         f"{r['local']!s:>6}")
-    return "\n".join(lines)
+    aot_matrix.check(case, compiled[case["id"]])
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("run without TRITON_INTERPRET: the kernels must be real @triton.jit functions")
-    shard, shards = map(int, sys.argv[2].split("/")) if len(sys.argv) > 2 else (0, 1)
-    compiled_results = compile_all(MATRIX[shard::shards])
-    print(json.dumps(compiled_results) if "--json" in sys.argv else _table(compiled_results))
+    aot_matrix.main(MATRIX)
