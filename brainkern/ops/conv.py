@@ -36,22 +36,24 @@ def _forward(kern, x, weight, bias, geometry: ConvGeometry, act: Activation | No
     return out, (None if act is None else out if pre is None else pre)
 
 
-def _backward(kern, grad_out, x, weight, saved, geometry: ConvGeometry, act, fmt, needs):
-    """Gradients (x, weight, bias), each None where ``needs`` says it is not wanted: see
-    FusedConv2d's docstring."""
-    need_x, need_w, need_b = needs
+def activation_backward(kern, grad_out, saved, act, need_b, fmt):
+    """``(dz, db)``: ``dz = grad_out * act'(z)`` in ``fmt`` (grad_out itself without an
+    activation) and, when ``need_b``, ``db = dz.sum((0, 2, 3))`` from the same pass."""
     grad_out = grad_out.contiguous(memory_format=fmt)
-    c_out = grad_out.shape[1]
-    grad_b = grad_out.new_empty(c_out) if need_b else None
+    grad_b = grad_out.new_empty(grad_out.shape[1]) if need_b else None
     if act is None:
-        grad_pre = grad_out
         if need_b:
             acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
             grad_b.copy_(grad_out.sum((0, 2, 3), dtype=acc))
-    else:
-        grad_pre = torch.empty_like(grad_out)
-        kern.conv2d_activation_backward(grad_out, saved, grad_pre, grad_b, act.code, act.param,
-                                        act.saves_output)
+        return grad_out, grad_b
+    grad_pre = torch.empty_like(grad_out)
+    kern.conv2d_activation_backward(grad_out, saved, grad_pre, grad_b, act.code, act.param,
+                                    act.saves_output)
+    return grad_pre, grad_b
+
+
+def linear_backward(kern, grad_pre, x, weight, geometry: ConvGeometry, need_x, need_w):
+    """``(dx, dW)`` of the convolution's linear part given ``dz`` (each None if not wanted)."""
     args = geometry.kernel_args
     grad_x = grad_w = None
     if need_x:
@@ -64,7 +66,15 @@ def _backward(kern, grad_out, x, weight, saved, geometry: ConvGeometry, act, fmt
             kern.conv2d_backward_weight(x, grad_pre, grad_w, *args)
         else:
             kern.conv2d_backward_weight(grad_pre, x, grad_w, *args)
-    return grad_x, grad_w, grad_b
+    return grad_x, grad_w
+
+
+def _backward(kern, grad_out, x, weight, saved, geometry: ConvGeometry, act, fmt, needs):
+    """Gradients (x, weight, bias), each None where ``needs`` says it is not wanted: see
+    FusedConv2d's docstring."""
+    need_x, need_w, need_b = needs
+    grad_pre, grad_b = activation_backward(kern, grad_out, saved, act, need_b, fmt)
+    return (*linear_backward(kern, grad_pre, x, weight, geometry, need_x, need_w), grad_b)
 
 
 def with_torch_ops(x, weight, bias, geometry: ConvGeometry, act: Activation | None):

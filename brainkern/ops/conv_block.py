@@ -61,31 +61,16 @@ def _forward(conv_kern, pool_kern, x, weight, bias, geometry: ConvGeometry, act,
 def _backward(conv_kern, pool_kern, grad_out, x, weight, out, indices, pre, geometry, act, fmt,
               needs):
     need_x, need_w, need_b = needs
-    grad_out = grad_out.contiguous(memory_format=fmt)
-    grad_b = grad_out.new_empty(weight.shape[0]) if need_b else None
-    if act is None:
-        grad_pooled = grad_out
-        if need_b:
-            acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-            grad_b.copy_(grad_out.sum((0, 2, 3), dtype=acc))
-    else:
-        grad_pooled = torch.empty_like(grad_out)
-        saved = out if act.saves_output else pre
-        conv_kern.conv2d_activation_backward(grad_out, saved, grad_pooled, grad_b, act.code,
-                                             act.param, act.saves_output)
+    # act'(z) at the winners: from the pooled output or the winners' pre-activation.
+    saved = out if act is None or act.saves_output else pre
+    grad_pooled, grad_b = conv.activation_backward(conv_kern, grad_out, saved, act, need_b, fmt)
     grad_x = grad_w = None
     if need_x or need_w:
         grad_pre = torch.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype,
                                device=x.device, memory_format=fmt)
         pool_kern.max_pool2d_backward(grad_pooled, indices, grad_pre)
-        args = geometry.kernel_args
-        if need_x:
-            grad_x = torch.empty_like(x)
-            conv_kern.conv_transpose2d_forward(grad_pre, weight, None, grad_x, None, *args,
-                                               activations.NONE, 0.0)
-        if need_w:
-            grad_w = torch.empty_like(weight)
-            conv_kern.conv2d_backward_weight(grad_pre, x, grad_w, *args)
+        grad_x, grad_w = conv.linear_backward(conv_kern, grad_pre, x, weight, geometry, need_x,
+                                              need_w)
     return grad_x, grad_w, grad_b
 
 
