@@ -219,3 +219,44 @@ def test_compiled_torch_func_transforms_match_eager():
     with torch.no_grad():
         assert_close(torch.compile(torch.func.vmap(layer), fullgraph=True)(batched),
                      torch.func.vmap(layer)(batched).double(), torch.float32)
+
+
+def make_cnn():
+    """A small CNN of brainkern layers: the fused conv block (accelerate joins Conv2d + ReLU +
+    MaxPool2d(2)), a gelu conv, average and adaptive pooling, a linear head."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 6, 3, padding="same"), torch.nn.GELU(), torch.nn.AvgPool2d(2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    return brainkern.accelerate(model)
+
+
+def make_generator():
+    """A DCGAN generator's shape in miniature: z (1 x 1) -> 4 x 4 -> 8 x 8, transposed convs."""
+    return brainkern.accelerate(torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(5, 6, 4, 1, 0), torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(6, 2, 4, 2, 1), torch.nn.Tanh()))
+
+
+CONV_MODELS = {"cnn": (make_cnn, (3, 1, 8, 8)), "generator": (make_generator, (3, 5, 1, 1))}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", CONV_MODELS)
+def test_conv_models_compile_and_export(backend, name):
+    make, shape = CONV_MODELS[name]
+    model, x = make(), torch.randn(shape)
+    assert any(type(m).__module__ == "brainkern.nn" for m in model)
+    with brainkern.use_backend(backend):
+        grad = torch.randn_like(model(x))
+        eager = forward_backward(model, x, grad)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
+        assert_same_values(forward_backward(compiled, x, grad), eager)
+        forward_backward(compiled, torch.randn(shape), grad)
+        assert counter.frame_count == 1, "the second call with the same shapes recompiled"
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+        exported = torch.export.export(model, (x,))
+        nodes = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+        assert any(t.startswith("brainkern.") for t in nodes), nodes
+        assert_close(exported.module()(x), eager[0].double())
