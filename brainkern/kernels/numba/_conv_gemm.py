@@ -26,7 +26,7 @@ import torch
 from numba import njit, prange
 
 from brainkern.activations import LEAKY_RELU, NONE, RELU
-from brainkern.kernels.numba._simd import microkernel
+from brainkern.kernels.numba._simd_conv import microkernel_offsets
 from brainkern.kernels.numba.linear import FASTMATH, _activate
 
 # geometry array layout
@@ -76,58 +76,6 @@ def pack_weight(weight, geom, tap_kh, tap_kw, width, dst):
                         dst[row + lane] = weight[src + lane * w_co]
                     for lane in range(valid, width):
                         dst[row + lane] = 0.0
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _pack_patches(x, x_base, sxc, sxh, sxw, h, w, cg_in, tap_dh, tap_dw, ih0, iw0, count, width,
-                  src, run_start, dst):
-    """dst[(t*cg_in + ci)*width + p] = x[x_base + ci*sxc + ih*sxh + iw*sxw] (0 outside x) with
-    ``ih = ih0[p] + tap_dh[t]``, ``iw = iw0[p] + tap_dw[t]`` for the ``count`` valid pixels p;
-    columns past ``count`` are zeros. src, run_start: (width,), (width + 1,) int64 scratch."""
-    for t in range(tap_dh.shape[0]):
-        for p in range(width):
-            ih, iw = ih0[p] + tap_dh[t], iw0[p] + tap_dw[t]
-            inside = p < count and ih >= 0 and ih < h and iw >= 0 and iw < w
-            src[p] = x_base + ih * sxh + iw * sxw if inside else -1
-        if sxc == 1:  # NHWC: a pixel's channels are contiguous
-            for p in range(width):
-                s = src[p]
-                k0 = t * cg_in * width + p
-                if s < 0:
-                    for ci in range(cg_in):
-                        dst[k0 + ci * width] = 0.0
-                else:
-                    run = x[s:s + cg_in]
-                    for ci in range(cg_in):
-                        dst[k0 + ci * width] = run[ci]
-        else:  # NCHW: for one channel, neighbouring pixels are neighbours in x
-            # Runs of pixels whose sources are consecutive in x (or all outside it) are copied
-            # (or zeroed) as slices: vector moves instead of a gather per element.
-            runs = 0
-            for p in range(width):
-                if p == 0 or not ((src[p] < 0 and src[p - 1] < 0)
-                                  or (src[p] >= 0 and src[p - 1] >= 0
-                                      and src[p] == src[p - 1] + sxw)):
-                    run_start[runs] = p
-                    runs += 1
-            run_start[runs] = width
-            for ci in range(cg_in):
-                row = (t * cg_in + ci) * width
-                offset = ci * sxc
-                for r in range(runs):
-                    p0, p1 = run_start[r], run_start[r + 1]
-                    s = src[p0]
-                    dst_run = dst[row + p0:row + p1]
-                    if s < 0:
-                        for e in range(p1 - p0):
-                            dst_run[e] = 0.0
-                    elif sxw == 1:
-                        src_run = x[s + offset:s + offset + p1 - p0]
-                        for e in range(p1 - p0):
-                            dst_run[e] = src_run[e]
-                    else:
-                        for e in range(p1 - p0):
-                            dst_run[e] = x[s + offset + e * sxw]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -188,45 +136,64 @@ def _epilogue(tile, nr, rows, cols, row_off, col_off, bias, has_bias, bias_first
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def forward_items(first, last, x, wpack, tap_dh, tap_dw, bias, has_bias, out, pre, has_pre, geom,
-                  code, param, weight_rows, mr, nr):
+def forward_items(first, last, xp, wpack, k_off, bias, has_bias, out, pre, has_pre, geom, code,
+                  param, weight_rows, mr, nr, lanes):
     """Work items ``[first, last)`` of one pass; item = ``(n*groups + g)*pixel_panels + panel``.
 
-    x: flat input, element (n, c, h, w) at ``n*sxn + c*sxc + h*sxh + w*sxw``.
+    xp: flat zero-padded input, element (n, c, h, w) at ``n*sxn + c*sxc + h*sxh + w*sxw``,
+    padded so that every tap of every computed pixel (tile padding included) lies inside it.
     wpack: :func:`pack_weight`'s panels (width mr if weight_rows, else nr).
-    tap_dh, tap_dw: (taps,) int64 input offsets of each tap (see the module docstring).
+    k_off: (k_total,) int64; reduction index k's offset in xp from a pixel's origin
+    ``n*sxn + g*cg_in*sxc + i*istep_h*sxh + j*istep_w*sxw``.
     bias: (C_out,), read if has_bias. out, pre: flat, element (n, co, oh, ow) at ``n*son +
-    co*soc + oh*soh + ow*sow``; pre written if has_pre. geom: the ``G_*`` geometry.
+    co*soc + oh*soh + ow*sow``; pre written if has_pre. geom: the ``G_*`` geometry (strides of
+    xp). weight_rows: tile rows are output channels and each of the tile's nr / lanes column
+    vectors is ``lanes`` consecutive pixels of one output row (needs istep_w = 1 and sxw = 1);
+    otherwise tile rows are pixels and columns output channels.
     """
-    sxn, sxc, sxh, sxw, h, w = (geom[G_SXN], geom[G_SXC], geom[G_SXH], geom[G_SXW], geom[G_H],
-                                geom[G_W])
+    sxn, sxc, sxh, sxw = geom[G_SXN], geom[G_SXC], geom[G_SXH], geom[G_SXW]
     son, soc, soh, sow = geom[G_SON], geom[G_SOC], geom[G_SOH], geom[G_SOW]
     cg_in, groups, cg_out = geom[G_CG_IN], geom[G_GROUPS], geom[G_CG_OUT]
     hg, wg = geom[G_HG], geom[G_WG]
     istep_h, istep_w, oh0, ow0 = geom[G_ISTEP_H], geom[G_ISTEP_W], geom[G_OH0], geom[G_OW0]
     ostep_h, ostep_w = geom[G_OSTEP_H], geom[G_OSTEP_W]
-    k_total = tap_dh.shape[0] * cg_in
-    pw, ww = (nr, mr) if weight_rows else (mr, nr)  # pixel panel and weight panel widths
-    pixel_panels = (hg * wg + pw - 1) // pw
+    k_total = k_off.shape[0]
+    nvec = nr // lanes
+    ww = mr if weight_rows else nr  # weight panel width
+    # A panel of pixels: nvec row segments of `lanes` pixels (weight_rows), or mr pixels.
+    row_segments = (wg + lanes - 1) // lanes
+    units = hg * row_segments if weight_rows else hg * wg
+    per_panel = nvec if weight_rows else mr
+    pixel_panels = (units + per_panel - 1) // per_panel
     co_panels = (cg_out + ww - 1) // ww
-    patches = np.empty(max(k_total, 1) * pw, dtype=out.dtype)
+    w_off = np.arange(max(k_total, 1)) * ww
     tile = np.empty(mr * nr, dtype=out.dtype)
-    ih0, iw0, pix_off = np.empty(pw, np.int64), np.empty(pw, np.int64), np.empty(pw, np.int64)
-    src, co_off, run_start = np.empty(pw, np.int64), np.empty(ww, np.int64), np.empty(pw + 1, np.int64)
+    bases, pix_off = np.empty(max(mr, nvec), np.int64), np.empty(max(mr, nr), np.int64)
+    seg_cols, w_base = np.empty(nvec, np.int64), np.empty(max(mr, nvec), np.int64)
+    co_off = np.empty(ww, np.int64)
     for item in range(first, last):
         panel = item % pixel_panels
         g = (item // pixel_panels) % groups
         n = item // (pixel_panels * groups)
-        q0 = panel * pw
-        count = min(pw, hg * wg - q0)
-        for p in range(pw):
-            q = q0 + min(p, count - 1)
-            i = q // wg
-            j = q - i * wg
-            ih0[p], iw0[p] = i * istep_h, j * istep_w
-            pix_off[p] = n * son + (oh0 + i * ostep_h) * soh + (ow0 + j * ostep_w) * sow
-        _pack_patches(x, n * sxn + g * cg_in * sxc, sxc, sxh, sxw, h, w, cg_in, tap_dh, tap_dw,
-                      ih0, iw0, count, pw, src, run_start, patches)
+        x_origin = n * sxn + g * cg_in * sxc
+        u0 = panel * per_panel
+        count = min(per_panel, units - u0)
+        for p in range(per_panel):
+            # Units past the end repeat the last one: their loads stay inside xp.
+            u = u0 + min(p, count - 1)
+            if weight_rows:
+                i = u // row_segments
+                j0 = (u - i * row_segments) * lanes
+                bases[p] = x_origin + i * istep_h * sxh + j0
+                seg_cols[p] = min(lanes, wg - j0) if p < count else 0
+                for lane in range(lanes):
+                    pix_off[p * lanes + lane] = (n * son + (oh0 + i * ostep_h) * soh
+                                                 + (ow0 + (j0 + lane) * ostep_w) * sow)
+            else:
+                i = u // wg
+                j = u - i * wg
+                bases[p] = x_origin + i * istep_h * sxh + j * istep_w * sxw
+                pix_off[p] = n * son + (oh0 + i * ostep_h) * soh + (ow0 + j * ostep_w) * sow
         for cq in range(co_panels):
             co_first = g * cg_out + cq * ww
             co_count = min(ww, cg_out - cq * ww)
@@ -234,22 +201,28 @@ def forward_items(first, last, x, wpack, tap_dh, tap_dw, bias, has_bias, out, pr
                 co_off[lane] = (co_first + lane) * soc
             w_start = (g * co_panels + cq) * k_total * ww
             if weight_rows:
-                microkernel(wpack, w_start, patches, 0, k_total, tile, 0, nr, False, tile, 0, nr)
-                _epilogue(tile, nr, co_count, count, co_off, pix_off, bias, has_bias, co_first,
-                          True, out, pre, has_pre, code, param)
+                for r in range(mr):
+                    w_base[r] = w_start + r
+                microkernel_offsets(wpack, w_base, w_off, xp, bases, k_off, k_total, tile, 0, nr)
+                for v in range(nvec):
+                    _epilogue(tile[v * lanes:], nr, co_count, seg_cols[v], co_off,
+                              pix_off[v * lanes:], bias, has_bias, co_first, True, out, pre,
+                              has_pre, code, param)
             else:
-                microkernel(patches, 0, wpack, w_start, k_total, tile, 0, nr, False, tile, 0, nr)
+                for v in range(nvec):
+                    w_base[v] = w_start + v * lanes
+                microkernel_offsets(xp, bases, k_off, wpack, w_base, w_off, k_total, tile, 0, nr)
                 _epilogue(tile, nr, count, co_count, pix_off, co_off, bias, has_bias, co_first,
                           False, out, pre, has_pre, code, param)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def forward_parallel(tasks, items, x, wpack, tap_dh, tap_dw, bias, has_bias, out, pre, has_pre,
-                     geom, code, param, weight_rows, mr, nr):
+def forward_parallel(tasks, items, xp, wpack, k_off, bias, has_bias, out, pre, has_pre, geom,
+                     code, param, weight_rows, mr, nr, lanes):
     """All ``items`` of a pass split evenly over ``tasks`` threads (arguments as forward_items;
     its serial twin is forward_items over all items)."""
     for task in prange(tasks):
         # prange indices are uint64: cast, so forward_items compiles once for both callers.
         t = np.int64(task)
-        forward_items(t * items // tasks, (t + 1) * items // tasks, x, wpack, tap_dh, tap_dw,
-                      bias, has_bias, out, pre, has_pre, geom, code, param, weight_rows, mr, nr)
+        forward_items(t * items // tasks, (t + 1) * items // tasks, xp, wpack, k_off, bias,
+                      has_bias, out, pre, has_pre, geom, code, param, weight_rows, mr, nr, lanes)

@@ -25,25 +25,55 @@ DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64)
 
 
-def _run_pass(x, x_flat, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_dw,
-              act_code, act_param, batch):
-    """One pass of the implicit GEMM (see _conv_gemm): pack the weight, run the work items."""
-    mr, nr, _ = _simd.gemm_tile(_NUMPY_DTYPE[out.dtype])
-    weight_rows = geom[gemm.G_SOC] != 1  # NCHW out: tile rows are channels, columns pixels
-    groups, cg_out = geom[gemm.G_GROUPS], geom[gemm.G_CG_OUT]
+def _padded(x, top, bottom, left, right, nchw):
+    """x with zero borders, as a contiguous NCHW or NHWC tensor (torch's copy is parallel)."""
+    n, c, h, w = x.shape
+    fmt = torch.contiguous_format if nchw else torch.channels_last
+    xp = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype,
+                     memory_format=fmt).zero_()
+    xp[:, :, top:top + h, left:left + w] = x
+    return xp
+
+
+def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_dw, act_code,
+              act_param, batch):
+    """One pass of the implicit GEMM (see _conv_gemm): pad the input so that no tap needs a
+    bounds test, pack the weight, run the work items."""
+    dtype = _NUMPY_DTYPE[out.dtype]
+    mr, nr, lanes = _simd.gemm_tile(dtype)
+    hg, wg = geom[gemm.G_HG], geom[gemm.G_WG]
+    row_segments = _cdiv(wg, lanes)
+    # Output channels on the tile rows, pixels read as vectors straight from the padded input,
+    # when the output is NCHW (contiguous epilogue stores) and few vector lanes fall past the
+    # row's end; otherwise pixels on the rows, read as broadcasts from an NHWC copy.
+    weight_rows = bool(geom[gemm.G_SOC] != 1 and geom[gemm.G_ISTEP_W] == 1
+                       and 4 * row_segments * lanes <= 5 * wg)
+    groups, cg_in, cg_out = geom[gemm.G_GROUPS], geom[gemm.G_CG_IN], geom[gemm.G_CG_OUT]
     width = mr if weight_rows else nr
-    k_total = len(tap_kh) * geom[gemm.G_CG_IN]
-    wpack = np.empty(groups * _cdiv(cg_out, width) * width * max(k_total, 1),
-                     dtype=_NUMPY_DTYPE[out.dtype])
+    k_total = len(tap_kh) * cg_in
+    wpack = np.empty(groups * _cdiv(cg_out, width) * width * max(k_total, 1), dtype=dtype)
     if k_total:
         gemm.pack_weight(weight_flat, geom, tap_kh, tap_kw, width, wpack)
-    pixels = geom[gemm.G_HG] * geom[gemm.G_WG]
-    items = batch * groups * _cdiv(pixels, nr if weight_rows else mr)
+        top, left = max(0, -int(tap_dh.min())), max(0, -int(tap_dw.min()))
+        last_col = row_segments * lanes - 1 if weight_rows else (wg - 1) * geom[gemm.G_ISTEP_W]
+        bottom = max(0, int((hg - 1) * geom[gemm.G_ISTEP_H] + tap_dh.max()) - (x.shape[2] - 1))
+        right = max(0, int(last_col + tap_dw.max()) - (x.shape[3] - 1))
+        xp = _padded(x, top, bottom, left, right, bool(weight_rows))
+        sxn, sxc, sxh, sxw = gemm.strides(xp)
+        k_off = (((tap_dh + top) * sxh + (tap_dw + left) * sxw)[:, None]
+                 + np.arange(cg_in, dtype=np.int64)[None, :] * sxc).reshape(-1)
+        geom[[gemm.G_SXN, gemm.G_SXC, gemm.G_SXH, gemm.G_SXW]] = sxn, sxc, sxh, sxw
+        xp_flat = _flat(xp)
+    else:  # nothing to read: z is the bias alone
+        xp_flat, k_off = np.zeros(1, dtype=dtype), np.zeros(0, dtype=np.int64)
+        geom[[gemm.G_SXN, gemm.G_SXC, gemm.G_SXH, gemm.G_SXW]] = 0
+    units = hg * row_segments if weight_rows else hg * wg
+    items = batch * groups * _cdiv(units, nr // lanes if weight_rows else mr)
     out_flat = _flat(out)
-    args = (x_flat, wpack, tap_dh, tap_dw, out_flat if bias is None else _flat(bias),
-            bias is not None, out_flat, out_flat if pre is None else _flat(pre), pre is not None,
-            geom, int(act_code), float(act_param), weight_rows, mr, nr)
-    fmas = batch * pixels * groups * cg_out * max(k_total, 1)
+    args = (xp_flat, wpack, k_off, out_flat if bias is None else _flat(bias), bias is not None,
+            out_flat, out_flat if pre is None else _flat(pre), pre is not None, geom,
+            int(act_code), float(act_param), weight_rows, mr, nr, lanes)
+    fmas = batch * hg * wg * groups * cg_out * max(k_total, 1)
     threads = _runtime.threads() if fmas >= _PARALLEL_MIN_FMAS else 1
     tasks = min(threads, items)
     if tasks <= 1:
@@ -110,12 +140,8 @@ def conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
     if cg_in == 1 and groups > 1 and x.numel():
         _depthwise(x, weight, bias, out, pre, geom, taps_h, taps_w, act_code, act_param, batch)
         return
-    if x.numel():
-        taps = _taps(taps_h, taps_w)
-        x_flat = _flat(x)
-    else:  # nothing to read: z is the bias alone
-        taps, x_flat = _taps([], []), _flat(out)
-    _run_pass(x, x_flat, _flat(weight), bias, out, pre, geom, *taps, act_code, act_param, batch)
+    taps = _taps(taps_h, taps_w) if x.numel() else _taps([], [])
+    _run_pass(x, _flat(weight), bias, out, pre, geom, *taps, act_code, act_param, batch)
 
 
 def _phase_taps(phase, pad, dilation, stride, size):
@@ -140,7 +166,6 @@ def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilatio
     geom = _geometry(x, out, cg_in, groups, cg_out,
                      (cg_in * cg_out * kernel_area, kernel_area, cg_out * kernel_area), kw_size)
     geom[[gemm.G_ISTEP_H, gemm.G_ISTEP_W, gemm.G_OSTEP_H, gemm.G_OSTEP_W]] = 1, 1, sh, sw
-    x_flat = _flat(x) if x.numel() else _flat(out)
     weight_flat = _flat(weight)
     for phase_h in range(min(sh, h_out)):
         taps_h = _phase_taps(phase_h, ph, dh, sh, kh_size) if x.numel() else []
@@ -153,7 +178,7 @@ def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilatio
                 _depthwise(x, weight, bias, out, pre, pass_geom, taps_h, taps_w, act_code,
                            act_param, batch)
             else:
-                _run_pass(x, x_flat, weight_flat, bias, out, pre, pass_geom,
+                _run_pass(x, weight_flat, bias, out, pre, pass_geom,
                           *_taps(taps_h, taps_w), act_code, act_param, batch)
 
 

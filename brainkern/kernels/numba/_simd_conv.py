@@ -1,0 +1,128 @@
+"""A register-tiled micro-kernel that reads its operands through per-row and per-step offsets.
+
+``_simd.microkernel`` reads packed panels: both operands must first be copied into k-major
+micro-panels. For a convolution the patch operand would be gathered from the input for every
+panel of output pixels, which costs about as much as the multiply-adds themselves (the 32->64
+5x5 layer ran at ~0.55x torch that way). Here each operand is addressed as ``base[row] +
+offset[k]`` instead: with a zero-padded input, the patch element of pixel p and reduction index
+k = (tap, ci) is ``x[pixel_base[p] + tap_offset[k]]``, so the micro-kernel reads the input where
+it lies, and a packed panel is the special case ``base[r] = start + r``, ``offset[k] = k * width``.
+
+The code is the same LLVM vector code as ``_simd.microkernel`` (accumulators as SSA values,
+``llvm.fma`` on ``<lanes x float>``), with the same ``(mr, nr)`` tile (:func:`_simd.gemm_tile`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.numpy_support import as_dtype
+
+from brainkern.kernels.numba._simd import gemm_tile
+
+
+@intrinsic
+def microkernel_offsets(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start,
+                        dst_ld):
+    """``dst_tile = A @ B`` for one ``mr x nr`` tile, operands read through offsets.
+
+    a:      1-D; ``A[r, k] = a[a_base[r] + a_off[k]]`` (a broadcast scalar).
+    a_base: (mr,) int64. a_off: (>= kc,) int64.
+    b:      1-D; row k of B, vector v (``lanes`` consecutive columns) is
+            ``b[b_base[v] + b_off[k] : ... + lanes]``.
+    b_base: (nr / lanes,) int64. b_off: (>= kc,) int64.
+    kc:     steps of k (0 gives a zero tile).
+    dst:    1-D; row r of the tile at ``dst[dst_start + r*dst_ld : ... + nr]``.
+    All arrays of values share one float dtype; ``(mr, nr, lanes)`` is :func:`gemm_tile` of it.
+    Nothing is bounds-checked: every address the offsets form must lie inside its array.
+    """
+    dtype = a.dtype
+    value_arrays = (a, b, dst)
+    index_arrays = (a_base, a_off, b_base, b_off)
+    ok = (
+        all(isinstance(x, types.Array) and x.ndim == 1 and x.dtype == dtype for x in value_arrays)
+        and dtype in (types.float32, types.float64)
+        and all(isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.int64
+                for x in index_arrays)
+        and all(isinstance(x, types.Integer) for x in (kc, dst_start, dst_ld))
+    )
+    if not ok:
+        return None
+    mr, nr, lanes = gemm_tile(as_dtype(dtype))
+    nvec = nr // lanes
+
+    def codegen(context, builder, sig, args):
+        int64 = ir.IntType(64)
+        scalar = context.get_value_type(dtype)
+        vector = ir.VectorType(scalar, lanes)
+        vptr = vector.as_pointer()
+        itemsize = np.dtype(as_dtype(dtype)).itemsize  # input rows are only element-aligned
+        fma = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(vector, [vector] * 3),
+            f"llvm.fma.v{lanes}f{8 * itemsize}",
+        )
+
+        def data(index):
+            return context.make_array(sig.args[index])(context, builder, args[index]).data
+
+        def arg_int(index):
+            return context.cast(builder, args[index], sig.args[index], types.int64)
+
+        a_data, b_data = data(0), data(3)
+        a_base, a_off, b_base, b_off = data(1), data(2), data(4), data(5)
+        a_rows = [builder.gep(a_data, [builder.load(builder.gep(a_base, [int64(r)]))])
+                  for r in range(mr)]
+        b_vecs = [builder.gep(b_data, [builder.load(builder.gep(b_base, [int64(v)]))])
+                  for v in range(nvec)]
+        steps = arg_int(6)
+        start = builder.block
+        zero = ir.Constant(vector, None)
+        loop = builder.append_basic_block("microkernel_offsets.loop")
+        done = builder.append_basic_block("microkernel_offsets.done")
+        builder.cbranch(builder.icmp_signed(">", steps, int64(0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(int64)
+        k.add_incoming(int64(0), start)
+        acc = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
+        a_k = builder.load(builder.gep(a_off, [k]))
+        b_k = builder.load(builder.gep(b_off, [k]))
+        b_row = [builder.load(builder.bitcast(builder.gep(b_vecs[v], [b_k]), vptr),
+                              align=itemsize) for v in range(nvec)]
+        undef = ir.Constant(vector, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        new = []
+        for r in range(mr):
+            a_r = builder.load(builder.gep(a_rows[r], [a_k]), align=itemsize)
+            a_vec = builder.shuffle_vector(
+                builder.insert_element(undef, a_r, ir.IntType(32)(0)), undef, splat
+            )
+            new.append([builder.call(fma, [a_vec, b_row[v], acc[r][v]]) for v in range(nvec)])
+        k_next = builder.add(k, int64(1))
+        k.add_incoming(k_next, loop)
+        for r in range(mr):
+            for v in range(nvec):
+                acc[r][v].add_incoming(zero, start)
+                acc[r][v].add_incoming(new[r][v], loop)
+        builder.cbranch(builder.icmp_signed("<", k_next, steps), loop, done)
+
+        builder.position_at_end(done)
+        result = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
+        dst_base = builder.gep(data(7), [arg_int(8)])
+        dst_ld = arg_int(9)
+        for r in range(mr):
+            for v in range(nvec):
+                result[r][v].add_incoming(zero, start)
+                result[r][v].add_incoming(new[r][v], loop)
+                offset = builder.add(builder.mul(dst_ld, int64(r)), int64(v * lanes))
+                builder.store(result[r][v],
+                              builder.bitcast(builder.gep(dst_base, [offset]), vptr),
+                              align=itemsize)
+        return context.get_dummy_value()
+
+    signature = types.void(a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld)
+    return signature, codegen
