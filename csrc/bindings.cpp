@@ -148,6 +148,28 @@ void conv_transpose2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_
                     pre, shape, nhwc, act_code, act_param, num_threads, isa);
 }
 
+void conv2d_maxpool2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out,
+                              uintptr_t indices, uintptr_t pre, const ConvShape& shape, bool nhwc,
+                              int act_code, float act_param, int num_threads,
+                              const std::string& isa) {
+  const char* fn = "conv2d_maxpool2d_forward";
+  const bk::ConvGeometry c = conv_geometry(fn, shape, nhwc);
+  require(act_code >= 0 && act_code < bk::kActivationCount, fn, "unknown activation code");
+  require_threads(fn, num_threads);
+  require(c.h_out >= 2 && c.w_out >= 2, fn, "the conv output must be at least 2 x 2");
+  const int64_t out_size = c.n * c.c_out * (c.h_out / 2) * (c.w_out / 2);
+  require(x != 0 || c.n * c.c_in * c.h * c.w == 0, fn, "x is null");
+  require(w != 0 || c.c_out * c.c_in == 0, fn, "weight is null");
+  require((out != 0 && indices != 0) || out_size == 0, fn, "out or indices is null");
+  const bk::IsaKernels& kernels = bk::isa_kernels(isa);
+  py::gil_scoped_release release;
+  bk::conv2d_maxpool2d_forward(kernels, c, reinterpret_cast<const float*>(x),
+                               reinterpret_cast<const float*>(w),
+                               reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
+                               reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(pre),
+                               act_code, act_param, num_threads);
+}
+
 void conv2d_backward_weight(uintptr_t grad_pre, uintptr_t x, uintptr_t grad_w,
                             const ConvShape& shape, bool nhwc, int num_threads,
                             const std::string& isa) {
@@ -276,6 +298,16 @@ released meanwhile.)doc");
 shape describes the convolution this is the adjoint of: x has its output's shape (n, c_out,
 h_out, w_out), out and pre its input's (n, c_in, h, w), w is (c_out, c_in / groups, kh, kw).
 Layouts and the rest as conv2d_forward.)doc");
+  m.def("conv2d_maxpool2d_forward", &conv2d_maxpool2d_forward, py::arg("x"), py::arg("w"),
+        py::arg("bias"), py::arg("out"), py::arg("indices"), py::arg("pre"), py::arg("shape"),
+        py::arg("nhwc"), py::arg("act_code"), py::arg("act_param"), py::arg("num_threads"),
+        py::arg("isa") = "",
+        R"doc(max_pool2d(act(conv2d(x, w) + bias), 2) in float32, the conv output never stored.
+
+shape as conv2d_forward's, (h_out, w_out) the conv output's size (at least 2 x 2); out, pre
+(or 0) float32 and indices int64, (n, c_out, h_out // 2, w_out // 2) in x's layout: the
+pooled maximum (NaN wins, first maximum on ties), its flat tap h * w_out + w, and the
+pre-activation there. The GIL is released meanwhile.)doc");
   m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("grad_pre"), py::arg("x"),
         py::arg("grad_w"), py::arg("shape"), py::arg("nhwc"), py::arg("num_threads"),
         py::arg("isa") = "",

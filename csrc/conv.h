@@ -20,6 +20,25 @@ struct ConvGeometry {
   bool nhwc;
 };
 
+// 2x2 max pooling with stride 2 of a block of conv outputs y, for the fused conv block: pooled
+// pixel (a, b) of channel ch takes tap (u, v) in {0, 1}^2 from
+// y[(2a + u) * y_row + (2b + v) * y_pixel + ch * y_channel] (z, the pre-activation, alike)
+// for a < rows, b < cols, ch < channels, and writes at a * out_row + b * out_pixel +
+// ch * out_channel: out = the maximum (torch's rule: a tap replaces the best so far when
+// greater or NaN), indices = its flat tap (first_row + 2a + u) * conv_width + 2b + v, and, when
+// pre is not null, pre = z at that tap.
+struct PoolBlock {
+  const float* y;
+  const float* z;
+  int64_t y_row, y_pixel, y_channel;
+  float* out;
+  int64_t* indices;
+  float* pre;
+  int64_t out_row, out_pixel, out_channel;
+  int64_t rows, cols, channels;
+  int64_t first_row, conv_width;
+};
+
 // The pieces of the convolutions that run per ISA; the drivers (conv_dispatch.inc) cut the work
 // into chunks of output pixels and call these and the GEMM on them.
 struct ConvKernels {
@@ -50,6 +69,7 @@ struct ConvKernels {
   void (*depthwise_forward)(const ConvGeometry& c, const float* in, const float* weight,
                             const float* bias, float* out, float* pre, int act, float act_param,
                             int64_t n0, int64_t n1);
+  void (*max_pool_2x2)(const PoolBlock& p);
 };
 
 // conv2d_activation_backward's arguments: grad_pre = grad_out * act'(saved), and grad_bias[c]

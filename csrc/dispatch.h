@@ -40,10 +40,6 @@ BackwardScratch backward_scratch();
 // then the two GEMMs, side by side on one thread each when neither is worth two threads.
 void linear_backward(const IsaKernels& isa, const LinearBackwardArgs& g, int threads);
 
-// FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
-double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
-
-}  // namespace bk
 // The convolution family (brainkern/kernels/__init__.py's contract; geometry in conv.h), on up
 // to `threads` threads. x, w, bias, out, pre: float32 in the layouts ConvGeometry describes;
 // bias and pre may be null. out must not alias an input.
@@ -60,4 +56,15 @@ void conv2d_backward_weight(const IsaKernels& isa, const ConvGeometry& c, const 
                             const float* x, float* grad_w, int threads);
 void conv2d_activation_backward(const IsaKernels& isa, const ConvActBackwardArgs& a,
                                 int threads);
+// The fused conv block: c describes the convolution (h_out, w_out: its full output, never
+// stored); out, indices and pre (or null) are (n, c_out, h_out / 2, w_out / 2) in c's layout:
+// act(conv + bias) max-pooled 2x2, stride 2, the winners' flat indices h * w_out + w and their
+// pre-activations.
+void conv2d_maxpool2d_forward(const IsaKernels& isa, const ConvGeometry& c, const float* x,
+                              const float* w, const float* bias, float* out, int64_t* indices,
+                              float* pre, int act, float act_param, int threads);
 
+// FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
+double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
+
+}  // namespace bk

@@ -241,6 +241,95 @@ def test_bias_gradient_is_the_same_on_any_thread_count(fmt):
     assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
 
 
+BLOCK_ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, -0.2), (A.GELU, 0.0)]
+
+
+def run_block(x, w, b, params, conv_hw, fmt, code, param, isa=None):
+    """The fused block on NaN-poisoned outputs: (out, indices, pre or None)."""
+    shape = (x.shape[0], w.shape[0], conv_hw[0] // 2, conv_hw[1] // 2)
+    out = poisoned_like(shape, fmt)
+    indices = torch.full(shape, -1, dtype=torch.int64).contiguous(memory_format=fmt)
+    pre = poisoned_like(shape, fmt) if code in (A.GELU, A.SILU) else None  # backward needs z
+    call("conv2d_maxpool2d_forward", x.contiguous(memory_format=fmt), w, b, out, indices, pre,
+         conv_hw, *params, code, param, isa=isa)
+    assert out.is_contiguous(memory_format=fmt) and indices.is_contiguous(memory_format=fmt)
+    return out, indices, pre
+
+
+def at(t, indices):
+    """t (N, C, H, W) at flat per-plane indices (N, C, h, w)."""
+    return t.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [c for c in CASES if min(out_size(c)) >= 2],
+                         ids=[str(i) for i, c in enumerate(CASES) if min(out_size(c)) >= 2])
+@pytest.mark.parametrize("code, param", BLOCK_ACTIVATIONS)
+def test_conv2d_maxpool2d_forward(isa, fmt, case, code, param):
+    """The pooled maximum of act(z) as torch's float64 max_pool2d gives it; each index names a
+    tap of its own window holding that maximum (near-ties may pick another tap than float64),
+    and pre is z there. Odd conv sizes leave the last row / column out, as floor mode does."""
+    runs_here(isa)
+    x, w, b, params = inputs(case)
+    conv_hw = out_size(case)
+    out, indices, pre = run_block(x, w, b, params, conv_hw, fmt, code, param, isa)
+    z = reference_conv(x.double(), w.double(), *params, conv_hw) + b.double()[:, None, None]
+    scale = (reference_conv(x.double().abs(), w.double().abs(), *params, conv_hw)
+             + b.double().abs()[:, None, None])
+    y = activation_reference(z, code, param)
+    pooled_scale = F.max_pool2d(scale, 2)
+    assert_close(out, F.max_pool2d(y, 2), torch.float32, what="out", scale=pooled_scale)
+    rows = torch.arange(out.shape[2])[:, None]
+    cols = torch.arange(out.shape[3])
+    assert torch.equal(indices // conv_hw[1] // 2, rows.expand(out.shape))
+    assert torch.equal(indices % conv_hw[1] // 2, cols.expand(out.shape))
+    assert_close(out, at(y, indices), torch.float32, what="out at indices", scale=pooled_scale)
+    if pre is not None:
+        assert_close(pre, at(z, indices), torch.float32, what="pre", scale=pooled_scale)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6], CASES[10]],
+                         ids=["rgb", "depthwise", "stem", "wide"])
+def test_conv2d_maxpool2d_forward_nan_wins_as_in_torch(fmt, case):
+    """NaN inputs: the NaN windows and their indices (the last NaN tap wins) exactly torch's."""
+    built()
+    x, w, b, params = inputs(case)
+    x.view(-1)[torch.randint(x.numel(), (3,))] = float("nan")
+    conv_hw = out_size(case)
+    out, indices, _ = run_block(x, w, b, params, conv_hw, fmt, A.RELU, 0.0)
+    z = reference_conv(x.double(), w.double(), *params, conv_hw) + b.double()[:, None, None]
+    ref, ref_indices = F.max_pool2d(z.relu(), 2, return_indices=True)
+    nan = ref.isnan()
+    assert nan.any() and torch.equal(out.isnan(), nan)
+    assert torch.equal(indices[nan], ref_indices[nan])
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_conv2d_maxpool2d_forward_threads_and_float64(fmt):
+    """The same bits on 1 and 2 threads; float64 composes Numba's conv and pool."""
+    built()
+    case = CASES[10]
+    x, w, b, params = inputs(case)
+    conv_hw = out_size(case)
+    one = run_block(x, w, b, params, conv_hw, fmt, A.GELU, 0.0)
+    shape = one[0].shape
+    two = [poisoned_like(shape, fmt), torch.empty(shape, dtype=torch.int64), poisoned_like(
+        shape, fmt)]
+    two[1] = two[1].contiguous(memory_format=fmt)
+    native_conv.conv2d_maxpool2d_forward(x.contiguous(memory_format=fmt), w, b, *two, conv_hw,
+                                         *params, A.GELU, 0.0, num_threads=1)
+    assert all(torch.equal(a, c) for a, c in zip(one, two))
+    x, w, b = x.double(), w.double(), b.double()
+    out, indices, pre = run_block(x, w, b, params, conv_hw, fmt, A.SILU, 0.0)
+    z = reference_conv(x, w, *params, conv_hw) + b[:, None, None]
+    ref, ref_indices = F.max_pool2d(F.silu(z), 2, return_indices=True)
+    assert_close(out, ref, torch.float64)
+    assert torch.equal(indices, ref_indices)
+    assert_close(pre, at(z, indices), torch.float64)
+
+
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 def test_empty_sizes(fmt):
     """Batch 0 writes nothing but grad_weight (zeros) and grad_bias (zeros); zero channels."""
@@ -258,6 +347,8 @@ def test_empty_sizes(fmt):
     call("conv2d_activation_backward", torch.empty(shape), torch.empty(shape),
          torch.empty(shape), grad_bias, A.RELU, 0.0, True)
     assert torch.equal(grad_bias, torch.zeros_like(grad_bias))
+    out, indices, _ = run_block(x, w, b, params, shape[2:], fmt, A.RELU, 0.0)
+    assert out.shape[0] == indices.shape[0] == 0
     # no input channels: act(bias) everywhere
     x0, w0 = torch.randn(2, 0, 5, 5).contiguous(memory_format=fmt), torch.randn(3, 0, 3, 3)
     out = poisoned_like((2, 3, 3, 3), fmt)
@@ -284,6 +375,16 @@ def test_checks_name_what_the_core_cannot_run():
     with pytest.raises(ValueError, match="padding"):
         native_conv.check_conv2d_forward(x, w, None, out, None, (1, 1), (-1, 0), (1, 1), 2,
                                          A.NONE, 0.0)
+    pooled = torch.empty(2, 6, 3, 3)
+    block = (x, w, None, pooled, torch.empty(2, 6, 3, 3, dtype=torch.int64), None, (6, 6))
+    native_conv.check_conv2d_maxpool2d_forward(*block, *params, A.NONE, 0.0)
+    with pytest.raises(TypeError, match="int64"):
+        native_conv.check_conv2d_maxpool2d_forward(*block[:4], pooled, None, (6, 6), *params,
+                                                   A.NONE, 0.0)
+    with pytest.raises(ValueError, match="conv_hw"):
+        native_conv.check_conv2d_maxpool2d_forward(*block[:6], (1, 6), *params, A.NONE, 0.0)
+    with pytest.raises(ValueError, match="out must be"):
+        native_conv.check_conv2d_maxpool2d_forward(*block[:6], (8, 8), *params, A.NONE, 0.0)
     with pytest.raises(ValueError, match="saves the output"):
         native_conv.check_conv2d_activation_backward(out, out, out, None, A.RELU, 0.0, False)
     with pytest.raises(ValueError, match="grad_bias"):

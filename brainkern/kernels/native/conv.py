@@ -69,6 +69,45 @@ def conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
         act_code, act_param, _threads(num_threads), isa or "")
 
 
+def conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
+                             dilation, groups, act_code, act_param, *, isa=None,
+                             num_threads=None):
+    """``out = max_pool2d(act(conv2d(x, weight) + bias), 2)``, the conv output never stored.
+
+    x, weight, bias, stride, padding, dilation, groups as :func:`conv2d_forward`. conv_hw:
+    (H_c, W_c) >= (2, 2), the conv output's size. out, pre: (N, C_out, H_c // 2, W_c // 2) in
+    x's format (pre may be None); indices: int64, out's shape and format, the winning tap's
+    flat ``h * W_c + w``; pre: the pre-activation at that tap. In C++ every chunk of conv
+    outputs is pooled while in cache; float64 composes Numba's conv and pool over a full-size
+    scratch output.
+    """
+    if x.dtype is _F64:
+        _compose_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
+                                   dilation, groups, act_code, act_param)
+        return
+    _native().conv2d_maxpool2d_forward(
+        x.data_ptr(), weight.data_ptr(), _ptr(bias), out.data_ptr(), indices.data_ptr(),
+        _ptr(pre), (*x.shape, weight.shape[0], *conv_hw, *weight.shape[2:], *stride, *padding,
+                    *dilation, groups),
+        _is_nhwc(x, out, indices), act_code, act_param, _threads(num_threads), isa or "")
+
+
+def _compose_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
+                               dilation, groups, act_code, act_param) -> None:
+    from brainkern.kernels.numba import conv as numba_conv
+    from brainkern.kernels.numba import pool as numba_pool
+
+    fmt = _CHANNELS_LAST if _is_nhwc(x, out) else torch.contiguous_format
+    full = torch.empty((x.shape[0], weight.shape[0], *conv_hw), dtype=x.dtype,
+                       memory_format=fmt)
+    full_pre = None if pre is None else torch.empty_like(full)
+    numba_conv.conv2d_forward(x, weight, bias, full, full_pre, stride, padding, dilation, groups,
+                              act_code, act_param)
+    numba_pool.max_pool2d_forward(full, out, indices, (2, 2), (2, 2), (0, 0), (1, 1))
+    if pre is not None:
+        pre.copy_(full_pre.flatten(2).gather(2, indices.flatten(2)).view_as(pre))
+
+
 def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
                              act_code, act_param, *, isa=None, num_threads=None):
     """``out = act(conv_transpose2d(x, weight) + bias)``; ``pre`` the value before act.
@@ -150,6 +189,29 @@ def check_conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, g
     if pre is not None and pre.shape != out.shape:
         raise ValueError(f"native {name}: pre {tuple(pre.shape)} must match out "
                          f"{tuple(out.shape)}")
+
+
+def check_conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
+                                   dilation, groups, act_code, act_param) -> None:
+    """Raise a TypeError/ValueError if :func:`conv2d_maxpool2d_forward` cannot run these."""
+    name = "conv2d_maxpool2d_forward"
+    if len(conv_hw) != 2 or any(int(v) != v or v < 2 for v in conv_hw):
+        raise ValueError(f"native {name}: conv_hw must be a pair of ints >= 2, got {conv_hw}")
+    if x.dtype is _F64:
+        return
+    _check_float32_cpu(name, x, weight, bias, out, pre)
+    _check_params(name, stride, padding, dilation, groups)
+    n, c_in = _check_4d(name, "x", x)[:2]
+    c_out = _check_weight(name, weight, c_in, groups)
+    _check_vector(name, "bias", bias, c_out)
+    if indices.dtype is not torch.int64 or not indices.is_cpu:
+        raise TypeError(f"native {name}: indices must be int64 on the CPU, got {indices.dtype} "
+                        f"on {indices.device}")
+    _check_layouts(name, x, out, indices, pre)
+    pooled = (n, c_out, conv_hw[0] // 2, conv_hw[1] // 2)
+    for label, t in (("out", out), ("indices", indices), ("pre", pre)):
+        if t is not None and tuple(t.shape) != pooled:
+            raise ValueError(f"native {name}: {label} must be {pooled}, got {tuple(t.shape)}")
 
 
 def check_conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
