@@ -247,9 +247,9 @@ BLOCK_ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, -0.2), (A.GELU
 def run_block(x, w, b, params, conv_hw, fmt, code, param, isa=None):
     """The fused block on NaN-poisoned outputs: (out, indices, pre or None)."""
     shape = (x.shape[0], w.shape[0], conv_hw[0] // 2, conv_hw[1] // 2)
-    out = poisoned_like(shape, fmt)
+    out = poisoned_like(shape, fmt).to(x.dtype)
     indices = torch.full(shape, -1, dtype=torch.int64).contiguous(memory_format=fmt)
-    pre = poisoned_like(shape, fmt) if code in (A.GELU, A.SILU) else None  # backward needs z
+    pre = torch.full_like(out, float("nan")) if code in (A.GELU, A.SILU) else None  # needs z
     call("conv2d_maxpool2d_forward", x.contiguous(memory_format=fmt), w, b, out, indices, pre,
          conv_hw, *params, code, param, isa=isa)
     assert out.is_contiguous(memory_format=fmt) and indices.is_contiguous(memory_format=fmt)
