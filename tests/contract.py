@@ -1,5 +1,6 @@
-"""What tests/test_kernel_contract.py runs every backend's kernels with: which backends serve a
-family here and on which device, the activations, the float64 oracles, and the comparisons.
+"""What the kernel-contract suites (tests/test_kernel_contract*.py) run every backend's kernels
+with: which backends serve a family here and on which device, the activations, the float64
+oracles, and the comparisons.
 
 A backend's family module is tested once it exists (``importlib.util.find_spec``): conv and
 pool kernels join the suite as they land, with no change here.
@@ -9,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from brainkern import activations as A
 from brainkern import backends
@@ -153,3 +155,67 @@ def linear_backward_of(kern):
     if fused is not None:
         return fused
     return lambda *args: compose_linear_backward(kern, *args)
+
+
+# Conv and pool: 4-D tensors in one of two memory formats ----------------------------------------
+
+FORMATS = [pytest.param(torch.contiguous_format, id="nchw"),
+           pytest.param(torch.channels_last, id="nhwc")]
+
+
+def randn_in(shape, backend, dtype, fmt=torch.contiguous_format):
+    """Fresh normal values of ``dtype`` on the backend's device, dense in format ``fmt``."""
+    x = torch.randn(shape, dtype=torch.float64).to(dtype=dtype, device=device_of(backend))
+    return x.contiguous(memory_format=fmt)
+
+
+def poisoned_in(shape, like, fmt=torch.contiguous_format, dtype=None):
+    """A NaN-poisoned output (int64: -1) on like's device, of like's dtype unless given, dense in
+    ``fmt``."""
+    dtype = dtype or like.dtype
+    fill = -1 if dtype == torch.int64 else float("nan")
+    return torch.full(shape, fill, dtype=dtype, device=like.device).contiguous(memory_format=fmt)
+
+
+def conv2d_reference(x, weight, out_hw, stride, padding, dilation, groups):
+    """conv2d_forward's sum (no bias) in float64 on the CPU, differentiable: x zero-padded by
+    ``padding`` before and by whatever ``out_hw`` needs after (cropped when it needs less)."""
+    x, weight = x.double().cpu(), weight.double().cpu()
+    if x.shape[1] == 0:  # torch's conv2d rejects an empty reduction; its sum is 0
+        return torch.zeros(x.shape[0], weight.shape[0], *out_hw, dtype=torch.float64)
+    (h, w), (kh, kw) = x.shape[-2:], weight.shape[-2:]
+    bottom = (out_hw[0] - 1) * stride[0] + dilation[0] * (kh - 1) + 1 - h - padding[0]
+    right = (out_hw[1] - 1) * stride[1] + dilation[1] * (kw - 1) + 1 - w - padding[1]
+    padded = F.pad(x, (padding[1], right, padding[0], bottom))
+    return F.conv2d(padded, weight, None, stride, 0, dilation, groups)
+
+
+def _conv2d_adjoint(wrt, x, weight, out_hw, cotangent, params):
+    """d(sum(cotangent * conv2d_reference(x, weight))) / d x or weight, in float64."""
+    x, weight = x.detach().double().cpu(), weight.detach().double().cpu()
+    leaf = (x if wrt == "x" else weight).requires_grad_()
+    (grad,) = torch.autograd.grad(conv2d_reference(x, weight, out_hw, *params), leaf,
+                                  cotangent.detach().double().cpu())
+    return grad
+
+
+def conv_transpose2d_reference(x, weight, out_hw, stride, padding, dilation, groups):
+    """conv_transpose2d_forward's sum (no bias): the adjoint of conv2d_reference from an input
+    of out's size to an output of x's size, so any output size is covered."""
+    groups_out = weight.shape[1] * groups
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], groups_out, *out_hw, dtype=torch.float64)
+    zeros = torch.zeros(x.shape[0], groups_out, *out_hw, dtype=torch.float64)
+    return _conv2d_adjoint("x", zeros, weight, x.shape[-2:], x,
+                           (stride, padding, dilation, groups))
+
+
+def conv2d_weight_reference(grad_pre, x, weight_shape, stride, padding, dilation, groups):
+    """conv2d_backward_weight's sum in float64: the adjoint of conv2d_reference in weight."""
+    zeros = torch.zeros(weight_shape, dtype=torch.float64)
+    return _conv2d_adjoint("weight", x, zeros, grad_pre.shape[-2:], grad_pre,
+                           (stride, padding, dilation, groups))
+
+
+def with_bias(z, bias):
+    return z if bias is None else z + bias.detach().double().cpu().view(1, -1, 1, 1)

@@ -1,0 +1,423 @@
+"""Every backend's conv kernels through one contract (the conv section of kernels/__init__.py).
+
+Each backend runs on its own device (Triton: the GPU when there is one, else its interpreter on
+these tiny layers). Oracle: torch in float64 on the CPU, with the padding after the last row and
+column implied by out's size (tests/contract.py pads explicitly); errors are relative to the
+same sums of |x| |w| + |bias|, per-dtype tolerance (helpers.TOLERANCE). Outputs start as NaN;
+NCHW and channels_last; NaN and infinities come out where torch's do. The layers are a fixed
+list chosen so that together they cover kernel 1..7, stride 1..3, dilation 1..3, groups 1 / 2 /
+depthwise / depthwise with a channel multiplier, odd and rectangular sizes, an output larger
+than the natural one (asymmetric padding) or smaller, 1-channel and 1 x 1 planes (contiguous in
+both formats, so the format must be read from the other tensors), and channel counts past the
+CPU register tiles and Triton's 16-channel and 32-pixel interpreter blocks.
+"""
+
+from typing import NamedTuple
+
+import pytest
+import torch
+from contract import (
+    ACT_IDS,
+    ACTIVATIONS,
+    BACKWARD_ACT_IDS,
+    BACKWARD_ACTIVATIONS,
+    FORMATS,
+    GELU_TANH,
+    act_forward,
+    backend_dtypes_for,
+    backends_for,
+    check,
+    conv2d_reference,
+    conv2d_weight_reference,
+    conv_transpose2d_reference,
+    derivative_scale,
+    finite_magnitude,
+    kernels,
+    output_scale,
+    poisoned_in,
+    randn_in,
+    saved_for,
+    with_bias,
+)
+
+from brainkern.activations import NONE
+
+CONV = backends_for("conv")
+OTHER_DTYPES = backend_dtypes_for("conv", (torch.float64, torch.float16, torch.bfloat16))
+NCHW, NHWC = torch.contiguous_format, torch.channels_last
+INF, NAN = float("inf"), float("nan")
+
+
+class Layer(NamedTuple):
+    """``c_x`` channels in x, ``c_out`` in out (for a transposed conv, x has a conv output's
+    shape); ``extra`` rows and columns of out past the natural size (negative: fewer)."""
+
+    n: int
+    c_x: int
+    c_out: int
+    hw: tuple
+    k: tuple
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    extra: tuple = (0, 0)
+
+    def params(self):
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def weight_shape(self, transposed):
+        if transposed:
+            return (self.c_x, self.c_out // self.groups, *self.k)
+        return (self.c_out, self.c_x // self.groups, *self.k)
+
+    def out_hw(self, transposed):
+        sizes = []
+        for i in (0, 1):
+            reach = self.dilation[i] * (self.k[i] - 1) + 1
+            if transposed:
+                size = (self.hw[i] - 1) * self.stride[i] - 2 * self.padding[i] + reach
+            else:
+                size = (self.hw[i] + 2 * self.padding[i] - reach) // self.stride[i] + 1
+            sizes.append(size + self.extra[i])
+        return tuple(sizes)
+
+
+def layer_id(layer):
+    return (f"{layer.n}x{layer.c_x}-{layer.c_out}@{layer.hw[0]}x{layer.hw[1]}k{layer.k[0]}"
+            f"{layer.k[1]}s{layer.stride[0]}{layer.stride[1]}p{layer.padding[0]}"
+            f"{layer.padding[1]}d{layer.dilation[0]}{layer.dilation[1]}g{layer.groups}"
+            f"+{layer.extra[0]}{layer.extra[1]}")
+
+
+CONV_LAYERS = [
+    Layer(2, 3, 5, (9, 7), (3, 3), padding=(1, 1)),
+    Layer(1, 1, 4, (8, 8), (5, 5), padding=(2, 2)),  # 1-channel stem
+    Layer(2, 4, 6, (9, 7), (3, 3), (2, 2), (1, 1), (2, 2), 2),
+    Layer(1, 20, 18, (5, 6), (1, 1)),  # pointwise: a plain GEMM
+    Layer(2, 6, 4, (7, 9), (3, 5), (2, 1), (0, 2), (1, 2), extra=(1, 0)),
+    Layer(2, 5, 5, (8, 7), (3, 3), padding=(1, 1), groups=5),  # depthwise
+    Layer(1, 3, 9, (6, 7), (3, 3), (2, 2), (1, 1), groups=3, extra=(0, 1)),  # multiplier 3
+    Layer(1, 32, 18, (5, 6), (3, 3), padding=(1, 1), dilation=(1, 2)),  # 16-channel blocks
+    Layer(2, 32, 6, (6, 5), (3, 3), (2, 2), (1, 1), groups=2),
+    Layer(1, 2, 3, (15, 16), (7, 7), (3, 3), (3, 3), (2, 2)),
+    Layer(2, 6, 4, (9, 9), (2, 2), (2, 2), (0, 0), (3, 3), extra=(2, 0)),
+    Layer(1, 2, 3, (4, 4), (6, 6), padding=(3, 3), extra=(1, 1)),  # kernel wider than x
+    Layer(1, 8, 40, (12, 11), (4, 2), (3, 2), (1, 0), (1, 2), 2),  # past a 12 x 32 tile
+    Layer(2, 5, 1, (7, 6), (3, 3), extra=(-1, 0)),  # 1 output channel; out cropped
+    Layer(3, 4, 6, (1, 1), (3, 3), padding=(1, 1)),  # 1 x 1 planes
+    Layer(2, 4, 12, (9, 8), (5, 3), (1, 2), (2, 1), groups=4, extra=(1, 1)),  # multiplier 3
+]
+# DCGAN's k4 s2 p1 (four phases of two taps), stride 3 with dilation 2 (phases without taps),
+# kernel 1 stride 2 (phases that are bias only), out past the taps' reach (bias only too).
+TRANSPOSED_LAYERS = [
+    Layer(2, 6, 5, (4, 3), (4, 4), (2, 2), (1, 1), extra=(1, 0)),
+    Layer(1, 4, 6, (5, 4), (3, 3), (2, 2), (1, 1), (2, 2), 2, extra=(1, 1)),
+    Layer(2, 4, 5, (3, 4), (3, 3), (3, 2), (1, 0), (2, 1)),
+    Layer(1, 3, 4, (4, 5), (1, 1), (2, 2)),
+    Layer(2, 5, 5, (4, 4), (3, 3), (2, 2), (1, 1), groups=5),  # depthwise
+    Layer(2, 3, 6, (5, 6), (3, 2), (1, 1), (2, 0), (2, 2), 3, extra=(1, 0)),  # multiplier 2
+    Layer(1, 18, 17, (5, 4), (3, 3), padding=(1, 1)),
+    Layer(1, 32, 4, (3, 4), (3, 3), (2, 2), (1, 1), (2, 2), 2),
+    Layer(1, 5, 40, (4, 3), (7, 1), (1, 3), (3, 0), extra=(0, 2)),
+    Layer(1, 8, 6, (5, 6), (3, 3), (2, 3), (2, 1), (3, 2), 2, extra=(2, 1)),
+    Layer(2, 4, 4, (5, 5), (1, 1), (3, 3), groups=2, extra=(4, 3)),
+    Layer(2, 1, 1, (1, 1), (3, 3), (2, 2), (1, 1)),  # 1 channel, 1 x 1 planes
+]
+
+
+def conv_kernel(kern, transposed):
+    return kern.conv_transpose2d_forward if transposed else kern.conv2d_forward
+
+
+def conv_reference(transposed, x, weight, out_hw, params):
+    reference = conv_transpose2d_reference if transposed else conv2d_reference
+    return reference(x, weight, out_hw, *params)
+
+
+def conv_operands(backend, layer, transposed, dtype, fmt, bias=True):
+    x = randn_in((layer.n, layer.c_x, *layer.hw), backend, dtype, fmt)
+    weight = randn_in(layer.weight_shape(transposed), backend, dtype)
+    return x, weight, randn_in((layer.c_out,), backend, dtype) if bias else None
+
+
+def check_conv_forward(backend, layer, transposed, act, dtype, fmt, bias=True, with_pre=True,
+                       operands=None):
+    """The forward kernel on poisoned outputs against act(z), z = the float64 sum + bias."""
+    kern = kernels(backend, "conv")
+    x, weight, b = operands or conv_operands(backend, layer, transposed, dtype, fmt, bias)
+    shape = (layer.n, layer.c_out, *layer.out_hw(transposed))
+    out = poisoned_in(shape, x, fmt)
+    pre = poisoned_in(shape, x, fmt) if with_pre else None
+    conv_kernel(kern, transposed)(x, weight, b, out, pre, *layer.params(), act.code, act.param)
+    z = with_bias(conv_reference(transposed, x, weight, shape[2:], layer.params()), b)
+    scale = conv_reference(transposed, finite_magnitude(x), finite_magnitude(weight), shape[2:],
+                           layer.params())
+    scale = scale if b is None else scale + finite_magnitude(b).view(1, -1, 1, 1)
+    ref = act_forward(act, z)
+    if backend == "torch" and not torch.isfinite(z).all():
+        # torch's float32 gelu(inf) is NaN on its vector path, inf on its scalar tail: as torch
+        # computes it in dtype and out's format
+        ref = act.forward(z.to(dtype).contiguous(memory_format=fmt)).double()
+    what = f"{'transposed ' if transposed else ''}{layer_id(layer)}"
+    assert out.is_contiguous(memory_format=fmt)
+    check(out, ref, dtype, f"out {what} ({act.name} {act.param})",
+          output_scale(act, z, ref, scale))
+    if with_pre:
+        check(pre, z, dtype, f"pre {what}", scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("backend", CONV)
+def test_conv2d_forward(backend, fmt):
+    for layer in CONV_LAYERS:
+        check_conv_forward(backend, layer, False, GELU_TANH, torch.float32, fmt)
+        check_conv_forward(backend, layer, False, ACTIVATIONS[0], torch.float32, fmt,
+                           bias=False, with_pre=False)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("backend", CONV)
+def test_conv_transpose2d_forward(backend, fmt):
+    for layer in TRANSPOSED_LAYERS:
+        check_conv_forward(backend, layer, True, ACTIVATIONS[5], torch.float32, fmt)
+        check_conv_forward(backend, layer, True, ACTIVATIONS[0], torch.float32, fmt,
+                           bias=False, with_pre=False)
+
+
+# (bias, pre, format, layer index): every pairing, each on another layer kind and format.
+EPILOGUES = [(True, True, NHWC, 0), (True, False, NCHW, 5), (False, True, NHWC, 6),
+             (False, False, NCHW, 2)]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+@pytest.mark.parametrize("backend", CONV)
+def test_forward_every_epilogue(backend, act, transposed):
+    """Every activation with and without bias and pre, on the GEMM and depthwise paths (groups
+    with a bias: a bias indexed by the channel within its group is a known Triton hazard)."""
+    layers = TRANSPOSED_LAYERS if transposed else CONV_LAYERS
+    for bias, with_pre, fmt, index in EPILOGUES:
+        check_conv_forward(backend, layers[index], transposed, act, torch.float32, fmt, bias,
+                           with_pre)
+
+
+@pytest.mark.parametrize("backend,dtype", OTHER_DTYPES)
+def test_forward_dtypes(backend, dtype):
+    for transposed, layers in ((False, CONV_LAYERS), (True, TRANSPOSED_LAYERS)):
+        for layer, fmt in zip((layers[0], layers[2], layers[5]), (NHWC, NCHW, NHWC)):
+            check_conv_forward(backend, layer, transposed, ACTIVATIONS[8], dtype, fmt)
+
+
+# Specials in x and bias, and in the weight of pointwise layers only: where a tap meets the
+# padding (or a transposed output no product reaches), 0 * inf (NaN, as an im2col or a masked
+# load reads it) and a skipped tap (nothing) both keep to the contract.
+SPECIAL_LAYERS = [(False, CONV_LAYERS[0], False), (False, CONV_LAYERS[5], False),
+                  (False, CONV_LAYERS[3], True), (False, CONV_LAYERS[8], False),
+                  (True, TRANSPOSED_LAYERS[0], False), (True, TRANSPOSED_LAYERS[4], False),
+                  (True, Layer(1, 18, 17, (5, 4), (1, 1)), True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+@pytest.mark.parametrize("backend", CONV)
+def test_forward_nan_and_inf_inputs(backend, act, dtype):
+    for i, (transposed, layer, weight_specials) in enumerate(SPECIAL_LAYERS):
+        fmt = (NCHW, NHWC)[i % 2]
+        x, weight, bias = conv_operands(backend, layer, transposed, dtype, fmt)
+        x[0, 0, 0, 0], x[-1, -1, -1, -1], x[0, -1, layer.hw[0] // 2, 0] = NAN, INF, -INF
+        bias[-1] = NAN
+        if weight_specials:
+            weight[1, 0, 0, 0], weight[-1, -1, -1, -1] = -INF, NAN
+        if layer.c_out > 2:
+            bias[1] = INF
+        check_conv_forward(backend, layer, transposed, act, dtype, fmt,
+                           operands=(x, weight, bias))
+
+
+def check_backward_weight(backend, layer, dtype, fmt, specials=False):
+    kern = kernels(backend, "conv")
+    x = randn_in((layer.n, layer.c_x, *layer.hw), backend, dtype, fmt)
+    grad_pre = randn_in((layer.n, layer.c_out, *layer.out_hw(False)), backend, dtype, fmt)
+    if specials:  # only x: a tap in the padding meets grad_pre, see SPECIAL_LAYERS
+        x[0, 0, 0, 0], x[-1, -1, -1, -1], x[0, -1, 0, -1] = NAN, INF, -INF
+    shape = layer.weight_shape(False)
+    grad_weight = poisoned_in(shape, x, NCHW)
+    kern.conv2d_backward_weight(grad_pre, x, grad_weight, *layer.params())
+    ref = conv2d_weight_reference(grad_pre, x, shape, *layer.params())
+    scale = conv2d_weight_reference(finite_magnitude(grad_pre), finite_magnitude(x), shape,
+                                    *layer.params())
+    check(grad_weight, ref, dtype, f"grad_weight {layer_id(layer)}", scale)
+
+
+def check_input_gradient(backend, layer, dtype, fmt):
+    """conv2d's input gradient: conv_transpose2d_forward from grad_pre to x's size."""
+    kern = kernels(backend, "conv")
+    weight = randn_in(layer.weight_shape(False), backend, dtype)
+    grad_pre = randn_in((layer.n, layer.c_out, *layer.out_hw(False)), backend, dtype, fmt)
+    shape = (layer.n, layer.c_x, *layer.hw)
+    grad_x = poisoned_in(shape, grad_pre, fmt)
+    kern.conv_transpose2d_forward(grad_pre, weight, None, grad_x, None, *layer.params(), NONE,
+                                  0.0)
+    ref = conv_transpose2d_reference(grad_pre, weight, layer.hw, *layer.params())
+    scale = conv_transpose2d_reference(finite_magnitude(grad_pre), finite_magnitude(weight),
+                                       layer.hw, *layer.params())
+    check(grad_x, ref, dtype, f"grad_x {layer_id(layer)}", scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("backend", CONV)
+def test_conv2d_gradients(backend, fmt):
+    """The weight gradient and (through the transposed kernel) the input gradient of every
+    layer, out's extra rows included."""
+    for layer in CONV_LAYERS:
+        check_backward_weight(backend, layer, torch.float32, fmt)
+        check_input_gradient(backend, layer, torch.float32, fmt)
+
+
+@pytest.mark.parametrize("backend,dtype", OTHER_DTYPES)
+def test_conv2d_gradients_dtypes(backend, dtype):
+    for layer, fmt in zip((CONV_LAYERS[0], CONV_LAYERS[2], CONV_LAYERS[5]), (NHWC, NCHW, NHWC)):
+        check_backward_weight(backend, layer, dtype, fmt)
+        check_input_gradient(backend, layer, dtype, fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("backend", CONV)
+def test_backward_weight_nan_and_inf(backend, dtype):
+    for layer, fmt in zip((CONV_LAYERS[0], CONV_LAYERS[5], CONV_LAYERS[8]), (NHWC, NCHW, NHWC)):
+        check_backward_weight(backend, layer, dtype, fmt, specials=True)
+
+
+def check_activation_backward(backend, shape, act, dtype, fmt, grad_view, with_bias=True,
+                              specials=False):
+    """The 4-D activation backward on poisoned outputs against grad_out * act'(saved)."""
+    kern = kernels(backend, "conv")
+    saved = saved_for(act, 2 * randn_in(shape, backend, dtype, fmt))
+    grad_out = grad_view(shape, backend, dtype)
+    if specials:
+        grad_out = grad_out.clone()  # an expanded view cannot take them
+        grad_out[0, 0, 0, 0], grad_out[-1, -1, -1, -1], grad_out[0, -1, 0, -1] = NAN, INF, -INF
+        saved[-1, 0, -1, 0] = NAN
+    grad_pre = poisoned_in(shape, saved, fmt)
+    grad_bias = poisoned_in((shape[1],), saved) if with_bias else None
+    kern.conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act.code, act.param,
+                                    act.saves_output)
+    ref = grad_out.double().cpu() * act.derivative(saved.double().cpu())
+    scale = derivative_scale(act, grad_out, saved)
+    check(grad_pre, ref, dtype, f"grad_pre {shape} ({act.name} {act.param})", scale)
+    if with_bias:  # rounding is relative to the sum of magnitudes, not to a cancelled sum
+        check(grad_bias, ref.sum((0, 2, 3)), dtype, "grad_bias", scale.sum((0, 2, 3)))
+    return grad_pre, grad_bias
+
+
+# grad_out in any strides: dense NCHW, the reversed-dimension permutation, every other channel
+# of a wider tensor, and broadcast (an expanded gradient, as sum()'s backward gives).
+GRAD_VIEWS = [
+    lambda s, b, d: randn_in(s, b, d),
+    lambda s, b, d: randn_in(s[::-1], b, d).permute(3, 2, 1, 0),
+    lambda s, b, d: randn_in((s[0], 2 * s[1], *s[2:]), b, d)[:, ::2],
+    lambda s, b, d: randn_in((1, s[1], 1, 1), b, d).expand(s),
+]
+# One pixel and one channel; odd; Triton's 32-channel block and pixel splits, one past each.
+ACTIVATION_SHAPES = [(1, 1, 1, 1), (3, 7, 5, 9), (2, 37, 7, 9)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act", BACKWARD_ACTIVATIONS, ids=BACKWARD_ACT_IDS)
+@pytest.mark.parametrize("backend", CONV)
+def test_conv2d_activation_backward(backend, act, fmt):
+    for shape in ACTIVATION_SHAPES:
+        for i, view in enumerate(GRAD_VIEWS):
+            check_activation_backward(backend, shape, act, torch.float32, fmt, view,
+                                      with_bias=i != 1)
+    check_activation_backward(backend, (3, 7, 5, 9), act, torch.float32, fmt, GRAD_VIEWS[1],
+                              specials=True)
+
+
+@pytest.mark.parametrize("backend,dtype", OTHER_DTYPES)
+def test_conv2d_activation_backward_dtypes(backend, dtype):
+    for act, fmt in ((ACTIVATIONS[3], NHWC), (ACTIVATIONS[6], NCHW)):
+        check_activation_backward(backend, (2, 37, 7, 9), act, dtype, fmt, GRAD_VIEWS[2])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("backend", CONV)
+def test_zero_sizes(backend, fmt):
+    """Batch 0, no output channels or an empty output plane: nothing to write in out, and the
+    weight and bias gradients and the input gradient (a transposed conv without products) are
+    sums over nothing, zeros."""
+    kern = kernels(backend, "conv")
+    sigmoid = ACTIVATIONS[4]
+    for n, c_in, c_out, groups, out_hw in [(0, 4, 6, 2, (5, 4)), (0, 4, 4, 4, (5, 4)),
+                                           (2, 3, 0, 1, (5, 4)), (2, 3, 4, 1, (0, 4))]:
+        x = randn_in((n, c_in, 7, 6), backend, torch.float32, fmt)
+        weight = randn_in((c_out, c_in // groups, 3, 3), backend, torch.float32)
+        out = poisoned_in((n, c_out, *out_hw), x, fmt)
+        params = ((1, 1), (0, 0), (1, 1), groups)
+        kern.conv2d_forward(x, weight, randn_in((c_out,), backend, torch.float32), out,
+                            out.clone(), *params, sigmoid.code, 0.0)
+        grad_x = poisoned_in(x.shape, x, fmt)
+        kern.conv_transpose2d_forward(out, weight, None, grad_x, None, *params, NONE, 0.0)
+        assert not grad_x.cpu().any(), "no products: zeros"
+        grad_weight = poisoned_in(weight.shape, weight)
+        kern.conv2d_backward_weight(out, x, grad_weight, *params)
+        assert not grad_weight.cpu().any(), (n, c_in, c_out, out_hw)
+        if n == 0:
+            grad_bias = poisoned_in((c_out,), x)
+            kern.conv2d_activation_backward(out, out, out.clone(), grad_bias, sigmoid.code, 0.0,
+                                            True)
+            assert not grad_bias.cpu().any()
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("backend", CONV)
+def test_empty_reduction_gives_activation_of_bias(backend, transposed):
+    """No input channels (C_in of a conv, C_x of a transposed one): out = act(bias)."""
+    for fmt in (NCHW, NHWC):
+        layer = Layer(2, 0, 3, (4, 5), (3, 3), padding=(1, 1), extra=(1, 0))
+        check_conv_forward(backend, layer, transposed, ACTIVATIONS[6], torch.float32, fmt)
+        check_conv_forward(backend, layer, transposed, ACTIVATIONS[4], torch.float32, fmt,
+                           bias=False, with_pre=False)
+
+
+# Fused conv block: where a backend has conv2d_maxpool2d_forward ------------------------------
+
+FUSED = [param for param in CONV
+         if hasattr(kernels(param.values[0], "conv"), "conv2d_maxpool2d_forward")] or [
+    pytest.param(None, marks=pytest.mark.skip(
+        reason="no backend here has the optional conv2d_maxpool2d_forward"))]
+# Conv outputs of even and odd size (the last row/column then joins no window), 2 x 2 and the
+# 1-channel stem.
+FUSED_LAYERS = [CONV_LAYERS[0], CONV_LAYERS[1], CONV_LAYERS[4], CONV_LAYERS[5], CONV_LAYERS[8]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+@pytest.mark.parametrize("backend", FUSED)
+def test_conv2d_maxpool2d_forward(backend, act, fmt):
+    """out and pre against torch's max_pool2d of act(z): each index is a tap of its own
+    window whose value is the window's maximum (a float tie may pick another tap)."""
+    kern = kernels(backend, "conv")
+    for i, layer in enumerate(FUSED_LAYERS):
+        x, weight, bias = conv_operands(backend, layer, False, torch.float32, fmt, i % 2 == 0)
+        conv_hw = layer.out_hw(False)
+        shape = (layer.n, layer.c_out, conv_hw[0] // 2, conv_hw[1] // 2)
+        out, pre = poisoned_in(shape, x, fmt), poisoned_in(shape, x, fmt)
+        indices = poisoned_in(shape, x, fmt, torch.int64)
+        kern.conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw,
+                                      *layer.params(), act.code, act.param)
+        z = with_bias(conv2d_reference(x, weight, conv_hw, *layer.params()), bias)
+        y = act_forward(act, z)
+        ref = torch.nn.functional.max_pool2d(y, 2, 2)
+        won = indices.cpu()
+        rows, cols = won // conv_hw[1], won % conv_hw[1]
+        grid_h = torch.arange(shape[2]).view(1, 1, -1, 1)
+        grid_w = torch.arange(shape[3]).view(1, 1, 1, -1)
+        assert torch.equal(rows // 2, grid_h.expand(shape)), "an index outside its window"
+        assert torch.equal(cols // 2, grid_w.expand(shape)), "an index outside its window"
+        tol_scale = finite_magnitude(y).amax() * torch.ones(shape, dtype=torch.float64)
+        check(out, ref, torch.float32, f"out {layer_id(layer)}", tol_scale)
+        check(y.flatten(2).gather(2, won.flatten(2)).view(shape), ref, torch.float32,
+              "the value at the index", tol_scale)
+        check(pre, z.flatten(2).gather(2, won.flatten(2)).view(shape), torch.float32, "pre")
