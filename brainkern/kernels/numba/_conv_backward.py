@@ -14,11 +14,13 @@ rows, each block's per-channel float64 sums added in block order for the bias gr
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit, prange
 
 from brainkern.activations import saves_output
-from brainkern.kernels.numba import _runtime, _simd
+from brainkern.kernels.numba import _runtime, _simd, _simd_conv
 from brainkern.kernels.numba._conv_gemm import strides
+from brainkern.kernels.numba._conv_pad import padded
 from brainkern.kernels.numba.linear import (
     _NUMPY_DTYPE,
     _PARALLEL_MIN_ELEMENTS,
@@ -124,6 +126,92 @@ def _weight_serial(chunks, x, grad, partial, geom, mr, nr):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _weight_chunk_direct(chunk, xp, grad, col_off, partial, geom, mr, nr, lanes):
+    """Chunk ``chunk``'s partial weight gradient, every group, read where the operands lie:
+    ``partial[chunk]`` is ``(groups, cols, cg_out)`` flat, col = tap*cg_in + ci.
+
+    xp: flat zero-padded NHWC input, element (n, c, h, w) at ``n*sxn + c + h*sxh + w*sxw`` with
+    h, w shifted by the padding, so that every tap of every output pixel lies inside it.
+    grad: flat NHWC grad_pre, element (n, co, oh, ow) at ``n*sgn + co + oh*sgh + ow*sgw``.
+    col_off: (cols,) int64, column col's offset in xp from an output pixel's window origin.
+    Tile rows are columns (broadcasts from xp), tile vectors ``lanes`` output channels of grad
+    (cg_out >= lanes: a last vector past cg_out is moved back to end at cg_out, and the
+    channels it repeats are written twice with the same value).
+    """
+    sxn, sxh, sxw = geom[W_SXN], geom[W_SXH], geom[W_SXW]
+    sgn, sgh, sgw = geom[W_SGN], geom[W_SGH], geom[W_SGW]
+    h_out, w_out = geom[W_HO], geom[W_WO]
+    cg_in, groups, cg_out = geom[W_CG_IN], geom[W_GROUPS], geom[W_CG_OUT]
+    sh, sw, chunk_pixels = geom[W_SH], geom[W_SW], geom[W_CHUNK]
+    nvec = nr // lanes
+    cols = col_off.shape[0]
+    total = geom[W_BATCH] * h_out * w_out
+    first, last = chunk * chunk_pixels, min(total, (chunk + 1) * chunk_pixels)
+    steps = last - first
+    x_pix, g_pix = np.empty(max(steps, 1), np.int64), np.empty(max(steps, 1), np.int64)
+    for k in range(steps):
+        pixel = first + k
+        n = pixel // (h_out * w_out)
+        oh = (pixel // w_out) % h_out
+        ow = pixel % w_out
+        x_pix[k] = n * sxn + oh * sh * sxh + ow * sw * sxw
+        g_pix[k] = n * sgn + oh * sgh + ow * sgw
+    tile = np.empty(mr * nr, dtype=xp.dtype)
+    a_base, b_base = np.empty(mr, np.int64), np.empty(nvec, np.int64)
+    group_size = cols * cg_out
+    for g in range(groups):
+        acc = partial[(chunk * groups + g) * group_size:(chunk * groups + g + 1) * group_size]
+        for p in range((cols + mr - 1) // mr):
+            rows = min(mr, cols - p * mr)
+            for r in range(mr):
+                a_base[r] = g * cg_in + col_off[p * mr + min(r, rows - 1)]
+            for q in range((cg_out + nr - 1) // nr):
+                for v in range(nvec):
+                    b_base[v] = g * cg_out + min(q * nr + v * lanes, cg_out - lanes)
+                _simd_conv.microkernel_offsets(xp, a_base, x_pix, grad, b_base, g_pix, steps,
+                                               tile, 0, nr)
+                for r in range(rows):
+                    for v in range(nvec):
+                        co0 = b_base[v] - g * cg_out
+                        dst = acc[(p * mr + r) * cg_out + co0:(p * mr + r) * cg_out + co0 + lanes]
+                        src = tile[r * nr + v * lanes:r * nr + v * lanes + lanes]
+                        for lane in range(lanes):
+                            dst[lane] = src[lane]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _weight_direct_parallel(chunks, xp, grad, col_off, partial, geom, mr, nr, lanes):
+    """Every chunk's partial, one prange iteration each (serial twin: _weight_direct_serial)."""
+    for chunk in prange(chunks):
+        _weight_chunk_direct(np.int64(chunk), xp, grad, col_off, partial, geom, mr, nr, lanes)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _weight_direct_serial(chunks, xp, grad, col_off, partial, geom, mr, nr, lanes):
+    for chunk in range(chunks):
+        _weight_chunk_direct(chunk, xp, grad, col_off, partial, geom, mr, nr, lanes)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _weight_direct_reduce(partial, chunks, geom, grad_weight):
+    """grad_weight[g*cg_out + co, ci, kh, kw] = sum over chunks, in order, of the partials."""
+    cg_in, groups, cg_out = geom[W_CG_IN], geom[W_GROUPS], geom[W_CG_OUT]
+    kernel_area = geom[W_KH] * geom[W_KW]
+    cols = kernel_area * cg_in
+    chunk_size = groups * cols * cg_out
+    for g in range(groups):
+        for co in range(cg_out):
+            row = (g * cg_out + co) * cols
+            for col in range(cols):
+                src = (g * cols + col) * cg_out + co
+                total = 0.0
+                for chunk in range(chunks):
+                    total += partial[chunk * chunk_size + src]
+                tap, ci = col // cg_in, col % cg_in
+                grad_weight[row + ci * kernel_area + tap] = total
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _weight_reduce(partial, chunks, geom, mr, nr, grad_weight):
     """grad_weight[g*cg_out + co, ci, kh, kw] = sum over chunks, in order, of the partials."""
     cg_in, groups, cg_out = geom[W_CG_IN], geom[W_GROUPS], geom[W_CG_OUT]
@@ -145,6 +233,35 @@ def _weight_reduce(partial, chunks, geom, mr, nr, grad_weight):
                 grad_weight[row + ci * kernel_area + tap] = total
 
 
+def _backward_weight_direct(grad_pre, x, grad_weight, geom, chunks, mr, nr, lanes):
+    """conv2d_backward_weight through _weight_chunk_direct: x copied once into a zero-padded
+    NHWC tensor and grad_pre read as NHWC (copied if it is not), so that no patch is gathered
+    and no tap needs a bounds test."""
+    (sh, sw), (ph, pw) = geom[[W_SH, W_SW]], geom[[W_PH, W_PW]]
+    (dh, dw), (kh_size, kw_size) = geom[[W_DH, W_DW]], geom[[W_KH, W_KW]]
+    h, w, h_out, w_out = x.shape[2], x.shape[3], grad_pre.shape[2], grad_pre.shape[3]
+    bottom = max(0, int((h_out - 1) * sh - ph + (kh_size - 1) * dh) - (h - 1))
+    right = max(0, int((w_out - 1) * sw - pw + (kw_size - 1) * dw) - (w - 1))
+    xp = padded(x, int(ph), bottom, int(pw), right, nchw=False)
+    nhwc = grad_pre.is_contiguous(memory_format=torch.channels_last)
+    grad = grad_pre if nhwc else padded(grad_pre, 0, 0, 0, 0, nchw=False)
+    geom[[W_SXN, W_SXC, W_SXH, W_SXW]] = strides(xp)
+    geom[[W_SGN, W_SGC, W_SGH, W_SGW]] = strides(grad)
+    cg_in, groups, cg_out = geom[W_CG_IN], geom[W_GROUPS], geom[W_CG_OUT]
+    sxh, sxw = geom[W_SXH], geom[W_SXW]
+    taps = np.arange(kh_size * kw_size, dtype=np.int64)
+    col_off = (((taps // kw_size) * dh * sxh + (taps % kw_size) * dw * sxw)[:, None]
+               + np.arange(cg_in, dtype=np.int64)[None, :]).reshape(-1)
+    partial = np.empty(chunks * groups * col_off.shape[0] * cg_out, dtype=_NUMPY_DTYPE[x.dtype])
+    args = (chunks, _flat(xp), _flat(grad), col_off, partial, geom, mr, nr, lanes)
+    fmas = grad_pre.shape[0] * h_out * w_out * groups * cg_out * col_off.shape[0]
+    if chunks > 1 and fmas >= _PARALLEL_MIN_FMAS and _runtime.threads() > 1:
+        _weight_direct_parallel(*args)
+    else:
+        _weight_direct_serial(*args)
+    _weight_direct_reduce(partial, chunks, geom, _flat(grad_weight))
+
+
 def conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, groups):
     """``grad_weight = sum over n, oh, ow of grad_pre * x's patch`` (kernels/__init__.py)."""
     batch, _, h_out, w_out = grad_pre.shape
@@ -155,7 +272,7 @@ def conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, 
     if pixels == 0 or x.numel() == 0:
         grad_weight.zero_()
         return
-    mr, nr, _ = _simd.gemm_tile(_NUMPY_DTYPE[x.dtype])
+    mr, nr, lanes = _simd.gemm_tile(_NUMPY_DTYPE[x.dtype])
     chunks = min(_MAX_CHUNKS, _cdiv(pixels, _CHUNK_PIXELS))
     chunk_pixels = _cdiv(pixels, chunks)
     chunks = _cdiv(pixels, chunk_pixels)
@@ -163,6 +280,10 @@ def conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, 
     geom = np.array([*strides(x), *x.shape[2:], *strides(grad_pre), h_out, w_out, cg_in, groups,
                      cg_out, *stride, *padding, *dilation, kh_size, kw_size, chunk_pixels, batch],
                     dtype=np.int64)
+    if cg_out >= lanes:
+        mr = _simd_conv.offsets_tile(_NUMPY_DTYPE[x.dtype], rows_apart=True)[0]
+        _backward_weight_direct(grad_pre, x, grad_weight, geom, chunks, mr, nr, lanes)
+        return
     partial = np.empty(chunks * groups * _cdiv(cg_out, mr) * mr
                        * _cdiv(kh_size * kw_size * cg_in, nr) * nr, dtype=_NUMPY_DTYPE[x.dtype])
     args = (chunks, _flat(x), _flat(grad_pre), partial, geom, mr, nr)

@@ -26,7 +26,7 @@ import torch
 from numba import njit, prange
 
 from brainkern.activations import LEAKY_RELU, NONE, RELU
-from brainkern.kernels.numba._simd_conv import microkernel_offsets
+from brainkern.kernels.numba._simd_conv import microkernel_offsets, microkernel_offsets_packed_a
 from brainkern.kernels.numba.linear import FASTMATH, _activate
 
 # geometry array layout
@@ -169,7 +169,7 @@ def forward_items(first, last, xp, wpack, k_off, bias, has_bias, out, pre, has_p
     w_off = np.arange(max(k_total, 1)) * ww
     tile = np.empty(mr * nr, dtype=out.dtype)
     bases, pix_off = np.empty(max(mr, nvec), np.int64), np.empty(max(mr, nr), np.int64)
-    seg_cols, w_base = np.empty(nvec, np.int64), np.empty(max(mr, nvec), np.int64)
+    seg_cols, w_base = np.empty(nvec, np.int64), np.empty(nvec, np.int64)
     co_off = np.empty(ww, np.int64)
     for item in range(first, last):
         panel = item % pixel_panels
@@ -201,9 +201,9 @@ def forward_items(first, last, xp, wpack, k_off, bias, has_bias, out, pre, has_p
                 co_off[lane] = (co_first + lane) * soc
             w_start = (g * co_panels + cq) * k_total * ww
             if weight_rows:
-                for r in range(mr):
-                    w_base[r] = w_start + r
-                microkernel_offsets(wpack, w_base, w_off, xp, bases, k_off, k_total, tile, 0, nr)
+                w_base[0] = w_start
+                microkernel_offsets_packed_a(wpack, w_base, w_off, xp, bases, k_off, k_total,
+                                             tile, 0, nr)
                 for v in range(nvec):
                     _epilogue(tile[v * lanes:], nr, co_count, seg_cols[v], co_off,
                               pix_off[v * lanes:], bias, has_bias, co_first, True, out, pre,

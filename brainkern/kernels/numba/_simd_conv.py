@@ -9,7 +9,7 @@ k = (tap, ci) is ``x[pixel_base[p] + tap_offset[k]]``, so the micro-kernel reads
 it lies, and a packed panel is the special case ``base[r] = start + r``, ``offset[k] = k * width``.
 
 The code is the same LLVM vector code as ``_simd.microkernel`` (accumulators as SSA values,
-``llvm.fma`` on ``<lanes x float>``), with the same ``(mr, nr)`` tile (:func:`_simd.gemm_tile`).
+``llvm.fma`` on ``<lanes x float>``), with the tile of :func:`offsets_tile`.
 """
 
 from __future__ import annotations
@@ -21,22 +21,46 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import as_dtype
 
-from brainkern.kernels.numba._simd import gemm_tile
+from brainkern.kernels.numba._simd import gemm_tile, vector_registers
 
 
-@intrinsic
-def microkernel_offsets(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start,
-                        dst_ld):
+def offsets_tile(dtype, rows_apart: bool) -> tuple[int, int, int]:
+    """The ``(mr, nr, lanes)`` tile of :func:`microkernel_offsets` (rows_apart) or of
+    :func:`microkernel_offsets_packed_a`.
+
+    With rows apart, LLVM loads the mr broadcasts into registers before the FMAs (it does not
+    fold them into the FMAs' memory operands as it does for rows that share a base): 12 x 2
+    accumulators + 12 broadcasts + 2 B vectors overflowed the 32 zmm registers and spilled
+    accumulators to the stack. 8 rows (AVX-512) or 4 (16 registers) leave them room.
+    """
+    mr, nr, lanes = gemm_tile(dtype)
+    if rows_apart:
+        mr = 8 if vector_registers() == 32 else 4
+    return mr, nr, lanes
+
+
+def _make_kernel(name: str, rows_apart: bool):
+    def kernel(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld):
+        return _typed(rows_apart, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld)
+
+    # Numba names an intrinsic's typing template after the function: one name per kernel.
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = _typed.__doc__
+    return intrinsic(kernel)
+
+
+def _typed(rows_apart, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld):
     """``dst_tile = A @ B`` for one ``mr x nr`` tile, operands read through offsets.
 
-    a:      1-D; ``A[r, k] = a[a_base[r] + a_off[k]]`` (a broadcast scalar).
-    a_base: (mr,) int64. a_off: (>= kc,) int64.
+    a:      1-D; ``A[r, k] = a[a_base[r] + a_off[k]]`` (rows_apart: a_base is (mr,) int64) or
+            ``a[a_base[0] + r + a_off[k]]`` (a packed panel: a_base is (>= 1,) int64).
+    a_off:  (>= kc,) int64.
     b:      1-D; row k of B, vector v (``lanes`` consecutive columns) is
             ``b[b_base[v] + b_off[k] : ... + lanes]``.
     b_base: (nr / lanes,) int64. b_off: (>= kc,) int64.
     kc:     steps of k (0 gives a zero tile).
     dst:    1-D; row r of the tile at ``dst[dst_start + r*dst_ld : ... + nr]``.
-    All arrays of values share one float dtype; ``(mr, nr, lanes)`` is :func:`gemm_tile` of it.
+    All arrays of values share one float dtype; ``(mr, nr, lanes)`` is :func:`offsets_tile`.
     Nothing is bounds-checked: every address the offsets form must lie inside its array.
     """
     dtype = a.dtype
@@ -51,7 +75,7 @@ def microkernel_offsets(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, 
     )
     if not ok:
         return None
-    mr, nr, lanes = gemm_tile(as_dtype(dtype))
+    mr, nr, lanes = offsets_tile(as_dtype(dtype), rows_apart)
     nvec = nr // lanes
 
     def codegen(context, builder, sig, args):
@@ -74,8 +98,12 @@ def microkernel_offsets(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, 
 
         a_data, b_data = data(0), data(3)
         a_base, a_off, b_base, b_off = data(1), data(2), data(4), data(5)
-        a_rows = [builder.gep(a_data, [builder.load(builder.gep(a_base, [int64(r)]))])
-                  for r in range(mr)]
+        if rows_apart:
+            a_rows = [builder.gep(a_data, [builder.load(builder.gep(a_base, [int64(r)]))])
+                      for r in range(mr)]
+        else:
+            a_row0 = builder.gep(a_data, [builder.load(a_base)])
+            a_rows = [builder.gep(a_row0, [int64(r)]) for r in range(mr)]
         b_vecs = [builder.gep(b_data, [builder.load(builder.gep(b_base, [int64(v)]))])
                   for v in range(nvec)]
         steps = arg_int(6)
@@ -126,3 +154,7 @@ def microkernel_offsets(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, 
 
     signature = types.void(a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld)
     return signature, codegen
+
+
+microkernel_offsets = _make_kernel("microkernel_offsets", rows_apart=True)
+microkernel_offsets_packed_a = _make_kernel("microkernel_offsets_packed_a", rows_apart=False)

@@ -19,20 +19,12 @@ import torch
 
 from brainkern.kernels.numba import _conv_backward, _conv_direct, _runtime, _simd
 from brainkern.kernels.numba import _conv_gemm as gemm
+from brainkern.kernels.numba._conv_pad import padded
+from brainkern.kernels.numba._simd_conv import offsets_tile
 from brainkern.kernels.numba.linear import _NUMPY_DTYPE, _PARALLEL_MIN_FMAS, _cdiv, _flat
 
 DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64)
-
-
-def _padded(x, top, bottom, left, right, nchw):
-    """x with zero borders, as a contiguous NCHW or NHWC tensor (torch's copy is parallel)."""
-    n, c, h, w = x.shape
-    fmt = torch.contiguous_format if nchw else torch.channels_last
-    xp = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype,
-                     memory_format=fmt).zero_()
-    xp[:, :, top:top + h, left:left + w] = x
-    return xp
 
 
 def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_dw, act_code,
@@ -40,7 +32,7 @@ def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_
     """One pass of the implicit GEMM (see _conv_gemm): pad the input so that no tap needs a
     bounds test, pack the weight, run the work items."""
     dtype = _NUMPY_DTYPE[out.dtype]
-    mr, nr, lanes = _simd.gemm_tile(dtype)
+    _, nr, lanes = _simd.gemm_tile(dtype)
     hg, wg = geom[gemm.G_HG], geom[gemm.G_WG]
     row_segments = _cdiv(wg, lanes)
     # Output channels on the tile rows, pixels read as vectors straight from the padded input,
@@ -48,6 +40,7 @@ def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_
     # row's end; otherwise pixels on the rows, read as broadcasts from an NHWC copy.
     weight_rows = bool(geom[gemm.G_SOC] != 1 and geom[gemm.G_ISTEP_W] == 1
                        and 4 * row_segments * lanes <= 5 * wg)
+    mr = offsets_tile(dtype, rows_apart=not weight_rows)[0]
     groups, cg_in, cg_out = geom[gemm.G_GROUPS], geom[gemm.G_CG_IN], geom[gemm.G_CG_OUT]
     width = mr if weight_rows else nr
     k_total = len(tap_kh) * cg_in
@@ -58,7 +51,7 @@ def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_
         last_col = row_segments * lanes - 1 if weight_rows else (wg - 1) * geom[gemm.G_ISTEP_W]
         bottom = max(0, int((hg - 1) * geom[gemm.G_ISTEP_H] + tap_dh.max()) - (x.shape[2] - 1))
         right = max(0, int(last_col + tap_dw.max()) - (x.shape[3] - 1))
-        xp = _padded(x, top, bottom, left, right, bool(weight_rows))
+        xp = padded(x, top, bottom, left, right, bool(weight_rows))
         sxn, sxc, sxh, sxw = gemm.strides(xp)
         k_off = (((tap_dh + top) * sxh + (tap_dw + left) * sxw)[:, None]
                  + np.arange(cg_in, dtype=np.int64)[None, :] * sxc).reshape(-1)
