@@ -280,6 +280,8 @@ activation_backward. Outputs must not alias inputs. The GIL is released meanwhil
     return std::make_pair(s.held_bytes, s.last_call_bytes);
   }, "(held, last call): this thread's bias-sum space, kept between calls / used by the last "
      "activation_backward, in bytes.");
+  m.def("conv_scratch_bytes", [] { return bk::conv_scratch_bytes(); },
+        "Bytes this thread's conv buffers hold between calls (each freed above 4 MB).");
   m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("out"), py::arg("pre"), py::arg("shape"), py::arg("nhwc"), py::arg("act_code"),
         py::arg("act_param"), py::arg("num_threads"), py::arg("isa") = "",

@@ -102,6 +102,13 @@ struct PackBuffer {
     }
     return data;
   }
+  void trim(size_t keep) {
+    if (floats <= keep) return;
+    std::free(data);
+    data = nullptr;
+    floats = 0;
+  }
+  size_t bytes() const { return floats * sizeof(float); }
 };
 thread_local PackBuffer t_a_pack, t_b_pack;
 // The activation backward's partial column sums, kept for the same reason while small.

@@ -56,6 +56,8 @@ void conv2d_backward_weight(const IsaKernels& isa, const ConvGeometry& c, const 
                             const float* x, float* grad_w, int threads);
 void conv2d_activation_backward(const IsaKernels& isa, const ConvActBackwardArgs& a,
                                 int threads);
+// Bytes the calling thread's conv buffers hold between calls (each at most 4 MB).
+size_t conv_scratch_bytes();
 // The fused conv block: c describes the convolution (h_out, w_out: its full output, never
 // stored); out, indices and pre (or null) are (n, c_out, h_out / 2, w_out / 2) in c's layout:
 // act(conv + bias) max-pooled 2x2, stride 2, the winners' flat indices h * w_out + w and their

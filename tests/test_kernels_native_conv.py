@@ -356,6 +356,41 @@ def test_empty_sizes(fmt):
     assert torch.equal(out, b[:3].relu()[None, :, None, None].expand(2, 3, 3, 3))
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_nchw_batch_smaller_than_the_team(n):
+    """Fewer images than threads: the NCHW forward runs the whole batch through NHWC, pixels
+    shared out; the same as torch and as one thread."""
+    built()
+    case = CASES[10]
+    x, w, b, params = inputs(case, n=n)
+    shape = (n, w.shape[0], *out_size(case))
+    outs = []
+    for threads in (1, 2, 3):
+        out, pre = (poisoned_like(shape, torch.contiguous_format) for _ in range(2))
+        call("conv2d_forward", x, w, b, out, pre, *params, A.SILU, 0.0, num_threads=threads)
+        outs.append((out, pre))
+    z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
+    assert_close(outs[2][1], z, torch.float32, what="pre")
+    assert_close(outs[2][0], F.silu(z), torch.float32, what="out")
+    assert all(torch.equal(a, c) for pair in outs[1:] for a, c in zip(pair, outs[0]))
+
+
+def test_large_conv_buffers_are_released():
+    """A layer whose weight-gradient parts (8 x 256 x 2304 floats, 18 MB) exceed the 4 MB a
+    buffer may keep leaves this thread holding no more than a small layer would."""
+    built()
+    x = torch.randn(1, 256, 6, 6)
+    grad = torch.randn(1, 256, 6, 6)
+    grad_w = torch.empty(256, 256, 3, 3)
+    call("conv2d_backward_weight", grad, x, grad_w, (1, 1), (1, 1), (1, 1), 1, num_threads=1)
+    held = native.core().conv_scratch_bytes()
+    assert 0 < held <= 9 * 4 * 2**20
+    assert held < 8 * grad_w.numel() * 4
+    assert_close(grad_w, weight_grad_reference(grad, x, grad_w.shape, (1, 1), (1, 1), (1, 1), 1),
+                 torch.float32, scale=weight_grad_reference(grad.abs(), x.abs(), grad_w.shape,
+                                                           (1, 1), (1, 1), (1, 1), 1))
+
+
 def test_checks_name_what_the_core_cannot_run():
     built()
     x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 2, 3, 3)
