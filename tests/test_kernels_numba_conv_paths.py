@@ -49,13 +49,22 @@ def _run_packed_a(a, a_base, a_off, b, b_base, b_off, kc, dst, ld):
     _simd_conv.microkernel_offsets_packed_a(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld)
 
 
-@pytest.mark.parametrize("rows_apart", [True, False], ids=["rows_apart", "packed_a"])
+@njit
+def _run_row(a, a_base, a_off, b, b_base, b_off, kc, dst, ld):
+    _simd_conv.microkernel_offsets_row(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld)
+
+
+RUNNERS = {(True, False): _run_offsets, (False, False): _run_packed_a, (False, True): _run_row}
+
+
+@pytest.mark.parametrize("rows_apart,single_row", list(RUNNERS),
+                         ids=["rows_apart", "packed_a", "single_row"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kc", [0, 1, 37])
-def test_microkernel_offsets(kc, dtype, rows_apart):
+def test_microkernel_offsets(kc, dtype, rows_apart, single_row):
     """Every tile element from the offsets it is documented to read, and a zero tile for kc 0;
     the destination's row stride is wider than the tile and its gaps stay untouched."""
-    mr, nr, lanes = _simd_conv.offsets_tile(dtype, rows_apart)
+    mr, nr, lanes = _simd_conv.offsets_tile(dtype, rows_apart, single_row)
     rng = np.random.default_rng(kc)
     a, b = rng.standard_normal(4000).astype(dtype), rng.standard_normal(6000).astype(dtype)
     a_off, b_off = rng.integers(0, 3000, kc), rng.integers(0, 5000, kc)
@@ -63,8 +72,7 @@ def test_microkernel_offsets(kc, dtype, rows_apart):
     b_base = rng.integers(0, 900, nr // lanes)
     ld = nr + 3
     dst = np.full(mr * ld, np.nan, dtype)
-    (_run_offsets if rows_apart else _run_packed_a)(a, a_base, a_off, b, b_base, b_off, kc, dst,
-                                                     ld)
+    RUNNERS[rows_apart, single_row](a, a_base, a_off, b, b_base, b_off, kc, dst, ld)
     rows = a_base[:, None] if rows_apart else a_base[0] + np.arange(mr)[:, None]
     big_a = a[rows + a_off[None, :]].astype(np.float64)
     big_b = np.concatenate([b[base + b_off[:, None] + np.arange(lanes)[None, :]]
@@ -141,6 +149,8 @@ def test_conv2d_forward_paths(index, dtype, layout):
 TRANSPOSED = [
     (2, 12, 5, (8, 8), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
     (1, 32, 1, (9, 16), (5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0)),  # a stem's input gradient
+    (2, 8, 2, (7, 33), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),  # single-row tiles too
+    (1, 6, 4, (6, 16), (3, 3), (1, 1), (1, 1), (1, 1), 2, (0, 0)),
     (2, 6, 9, (5, 17), (3, 2), (1, 2), (1, 0), (2, 1), 3, (0, 1)),
 ]
 

@@ -26,7 +26,11 @@ import torch
 from numba import njit, prange
 
 from brainkern.activations import LEAKY_RELU, NONE, RELU
-from brainkern.kernels.numba._simd_conv import microkernel_offsets, microkernel_offsets_packed_a
+from brainkern.kernels.numba._simd_conv import (
+    microkernel_offsets,
+    microkernel_offsets_packed_a,
+    microkernel_offsets_row,
+)
 from brainkern.kernels.numba.linear import FASTMATH, _activate
 
 # geometry array layout
@@ -202,8 +206,12 @@ def forward_items(first, last, xp, wpack, k_off, bias, has_bias, out, pre, has_p
             w_start = (g * co_panels + cq) * k_total * ww
             if weight_rows:
                 w_base[0] = w_start
-                microkernel_offsets_packed_a(wpack, w_base, w_off, xp, bases, k_off, k_total,
-                                             tile, 0, nr)
+                if mr == 1:
+                    microkernel_offsets_row(wpack, w_base, w_off, xp, bases, k_off, k_total,
+                                            tile, 0, nr)
+                else:
+                    microkernel_offsets_packed_a(wpack, w_base, w_off, xp, bases, k_off, k_total,
+                                                 tile, 0, nr)
                 for v in range(nvec):
                     _epilogue(tile[v * lanes:], nr, co_count, seg_cols[v], co_off,
                               pix_off[v * lanes:], bias, has_bias, co_first, True, out, pre,

@@ -36,8 +36,14 @@ def _pad_rows(first, last, src, src_strides, dst, shape, top, left, hp, wp, nchw
                 if inside:
                     out[:left] = 0.0
                     origin = n * s0 + c * s1 + ih * s2
-                    for j in range(w):
-                        out[left + j] = src[origin + j * s3]
+                    if s3 == 1:  # a unit-stride loop vectorizes; a strided one does not
+                        row = src[origin:origin + w]
+                        dst_row = out[left:left + w]
+                        for j in range(w):
+                            dst_row[j] = row[j]
+                    else:
+                        for j in range(w):
+                            out[left + j] = src[origin + j * s3]
                     out[left + w:] = 0.0
                 else:
                     out[:] = 0.0
@@ -48,8 +54,13 @@ def _pad_rows(first, last, src, src_strides, dst, shape, top, left, hp, wp, nchw
                 for j in range(w):
                     origin = n * s0 + ih * s2 + j * s3
                     pixel = out[(left + j) * channels:(left + j + 1) * channels]
-                    for c in range(channels):
-                        pixel[c] = src[origin + c * s1]
+                    if s1 == 1:
+                        run = src[origin:origin + channels]
+                        for c in range(channels):
+                            pixel[c] = run[c]
+                    else:
+                        for c in range(channels):
+                            pixel[c] = src[origin + c * s1]
                 out[(left + w) * channels:] = 0.0
             else:
                 out[:] = 0.0

@@ -24,24 +24,30 @@ from numba.np.numpy_support import as_dtype
 from brainkern.kernels.numba._simd import gemm_tile, vector_registers
 
 
-def offsets_tile(dtype, rows_apart: bool) -> tuple[int, int, int]:
-    """The ``(mr, nr, lanes)`` tile of :func:`microkernel_offsets` (rows_apart) or of
-    :func:`microkernel_offsets_packed_a`.
+def offsets_tile(dtype, rows_apart: bool, single_row: bool = False) -> tuple[int, int, int]:
+    """The ``(mr, nr, lanes)`` tile of :func:`microkernel_offsets` (rows_apart), of
+    :func:`microkernel_offsets_packed_a`, or of :func:`microkernel_offsets_row` (single_row).
 
     With rows apart, LLVM loads the mr broadcasts into registers before the FMAs (it does not
     fold them into the FMAs' memory operands as it does for rows that share a base): 12 x 2
     accumulators + 12 broadcasts + 2 B vectors overflowed the 32 zmm registers and spilled
     accumulators to the stack. 8 rows (AVX-512) or 4 (16 registers) leave them room.
+    The single row (1 x 8 vectors) serves layers with one or two output channels, where an mr-row
+    tile would be mostly padding: 8 accumulators still cover the FMA latency, and 9 loads per
+    8 FMAs keep it near the FMA rate on two load ports.
     """
     mr, nr, lanes = gemm_tile(dtype)
+    if single_row:
+        return 1, 8 * lanes, lanes
     if rows_apart:
         mr = 8 if vector_registers() == 32 else 4
     return mr, nr, lanes
 
 
-def _make_kernel(name: str, rows_apart: bool):
+def _make_kernel(name: str, rows_apart: bool, single_row: bool = False):
     def kernel(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld):
-        return _typed(rows_apart, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld)
+        return _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst,
+                      dst_start, dst_ld)
 
     # Numba names an intrinsic's typing template after the function: one name per kernel.
     kernel.__name__ = kernel.__qualname__ = name
@@ -49,7 +55,8 @@ def _make_kernel(name: str, rows_apart: bool):
     return intrinsic(kernel)
 
 
-def _typed(rows_apart, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld):
+def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start,
+           dst_ld):
     """``dst_tile = A @ B`` for one ``mr x nr`` tile, operands read through offsets.
 
     a:      1-D; ``A[r, k] = a[a_base[r] + a_off[k]]`` (rows_apart: a_base is (mr,) int64) or
@@ -75,7 +82,7 @@ def _typed(rows_apart, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, d
     )
     if not ok:
         return None
-    mr, nr, lanes = offsets_tile(as_dtype(dtype), rows_apart)
+    mr, nr, lanes = offsets_tile(as_dtype(dtype), rows_apart, single_row)
     nvec = nr // lanes
 
     def codegen(context, builder, sig, args):
@@ -158,3 +165,5 @@ def _typed(rows_apart, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, d
 
 microkernel_offsets = _make_kernel("microkernel_offsets", rows_apart=True)
 microkernel_offsets_packed_a = _make_kernel("microkernel_offsets_packed_a", rows_apart=False)
+microkernel_offsets_row = _make_kernel("microkernel_offsets_row", rows_apart=False,
+                                       single_row=True)

@@ -32,7 +32,7 @@ def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_
     """One pass of the implicit GEMM (see _conv_gemm): pad the input so that no tap needs a
     bounds test, pack the weight, run the work items."""
     dtype = _NUMPY_DTYPE[out.dtype]
-    _, nr, lanes = _simd.gemm_tile(dtype)
+    _, _, lanes = _simd.gemm_tile(dtype)
     hg, wg = geom[gemm.G_HG], geom[gemm.G_WG]
     row_segments = _cdiv(wg, lanes)
     # Output channels on the tile rows, pixels read as vectors straight from the padded input,
@@ -40,8 +40,11 @@ def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_
     # row's end; otherwise pixels on the rows, read as broadcasts from an NHWC copy.
     weight_rows = bool(geom[gemm.G_SOC] != 1 and geom[gemm.G_ISTEP_W] == 1
                        and 4 * row_segments * lanes <= 5 * wg)
-    mr = offsets_tile(dtype, rows_apart=not weight_rows)[0]
     groups, cg_in, cg_out = geom[gemm.G_GROUPS], geom[gemm.G_CG_IN], geom[gemm.G_CG_OUT]
+    # One or two output channels (a stem's input gradient): a single-row tile, not 12 rows of
+    # mostly padding (the 32->1 5x5 transposed pass ran at 1/12 of the tile's FMAs).
+    mr, nr, _ = offsets_tile(dtype, rows_apart=not weight_rows,
+                             single_row=weight_rows and cg_out <= 2)
     width = mr if weight_rows else nr
     k_total = len(tap_kh) * cg_in
     wpack = np.empty(groups * _cdiv(cg_out, width) * width * max(k_total, 1), dtype=dtype)
