@@ -48,17 +48,18 @@ def backends_for(family: str):
     return params
 
 
-def backend_dtypes_for(family: str, wanted):
+def backend_dtypes_for(family: str, wanted, uses_dot=True):
     """pytest params (backend, dtype): each dtype of ``wanted`` that the backend's family module
     declares (the ops layer sends it no other). Triton 3.9's interpreter multiplies bf16 tl.dot
     operands as raw int16 bits, so without a GPU Triton's bf16 is left to the GPU tests of
-    tests/test_kernels_triton.py."""
+    tests/test_kernels_triton*.py for families whose kernels ``uses_dot``."""
     params = []
     for name in backends.available_backends():
         if importlib.util.find_spec(f"{backends.BACKENDS[name].package}.{family}") is None:
             continue
         for dtype in wanted:
-            interpreted_bf16 = name == "triton" and not HAS_CUDA and dtype == torch.bfloat16
+            interpreted_bf16 = (uses_dot and name == "triton" and not HAS_CUDA
+                                and dtype == torch.bfloat16)
             if dtype in kernels(name, family).DTYPES and not interpreted_bf16:
                 params.append(pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}"))
     return params
@@ -219,3 +220,85 @@ def conv2d_weight_reference(grad_pre, x, weight_shape, stride, padding, dilation
 
 def with_bias(z, bias):
     return z if bias is None else z + bias.detach().double().cpu().view(1, -1, 1, 1)
+
+
+def randn_from(shape, backend, dtype, fmt, fill=None):
+    """``fill(shape)`` (float64 values; default normal) as ``dtype`` on the backend's device,
+    dense in ``fmt``."""
+    x = torch.randn(shape, dtype=torch.float64) if fill is None else fill(shape)
+    return x.to(dtype=dtype, device=device_of(backend)).contiguous(memory_format=fmt)
+
+
+def format_of(t):
+    return torch.contiguous_format if t.is_contiguous() else torch.channels_last
+
+
+def grad_of(fn, x, grad_out):
+    """d(sum(fn(x) * grad_out))/dx in float64 on the CPU, by torch.autograd."""
+    xd = x.detach().double().cpu().requires_grad_()
+    (grad,) = torch.autograd.grad(fn(xd), xd, grad_out.detach().double().cpu())
+    return grad
+
+
+def window_cases(dilations=(1,)):
+    """(kernel, stride, padding, dilation, ceil_mode): square kernels 1..4, strides 1..3, every
+    padding up to k // 2, plus rectangular ones with each axis different."""
+    cases = [((k, k), (s, s), (p, p), (d, d), ceil)
+             for k in range(1, 5) for s in range(1, 4) for p in range(k // 2 + 1)
+             for d in dilations for ceil in (False, True)]
+    cases += [((3, 2), (2, 1), (1, 0), (dilations[-1], 1), True),
+              ((1, 4), (3, 2), (0, 2), (1, dilations[-1]), False),
+              ((4, 1), (1, 3), (2, 0), (1, 1), True)]
+    return cases
+
+
+def check_max_pool(kern, x, case):
+    """max_pool2d_forward (values and indices exactly torch's) and max_pool2d_backward on
+    poisoned outputs."""
+    kernel, stride, padding, dilation, ceil = case
+
+    def pool(t):
+        return F.max_pool2d(t, kernel, stride, padding, dilation, ceil, return_indices=True)
+
+    ref, ref_indices = pool(x.detach().double().cpu())
+    fmt = format_of(x)
+    out = poisoned_in(ref.shape, x, fmt)
+    indices = poisoned_in(ref.shape, x, fmt, torch.int64)
+    kern.max_pool2d_forward(x, out, indices, kernel, stride, padding, dilation)
+    assert torch.equal(out.double().cpu().nan_to_num(7.0), ref.nan_to_num(7.0)), case
+    assert torch.equal(indices.cpu(), ref_indices), case
+    grad_out = randn_from(ref.shape, "cpu", x.dtype, fmt).to(x.device)
+    grad_x = poisoned_in(x.shape, x, fmt)
+    kern.max_pool2d_backward(grad_out, indices, grad_x)
+    check(grad_x, grad_of(lambda t: pool(t)[0], x, grad_out), x.dtype, f"grad_x {case}")
+    return out, indices
+
+
+def avg_reference(kernel, stride, padding, ceil, include_pad, divisor):
+    return lambda t: F.avg_pool2d(t, kernel, stride, padding, ceil, include_pad, divisor or None)
+
+
+def check_avg_like(x, pool, forward, backward, what):
+    """A forward (x, out) and backward (grad_out, grad_x) pair against torch's ``pool``."""
+    ref = pool(x.detach().double().cpu())
+    fmt = format_of(x)
+    out = poisoned_in(ref.shape, x, fmt)
+    forward(x, out)
+    check(out, ref, x.dtype, f"out {what}")
+    grad_out = randn_from(ref.shape, "cpu", x.dtype, fmt).to(x.device)
+    grad_x = poisoned_in(x.shape, x, fmt)
+    backward(grad_out, grad_x)
+    check(grad_x, grad_of(pool, x, grad_out), x.dtype, f"grad_x {what}")
+
+
+def check_avg_pool(kern, x, case):
+    kernel, stride, padding, ceil, include_pad, divisor = case
+    args = (kernel, stride, padding, include_pad, divisor)
+    check_avg_like(x, avg_reference(*case),
+                   lambda t, out: kern.avg_pool2d_forward(t, out, *args),
+                   lambda g, grad_x: kern.avg_pool2d_backward(g, grad_x, *args), case)
+
+
+def check_adaptive_avg_pool(kern, x, size):
+    check_avg_like(x, lambda t: F.adaptive_avg_pool2d(t, size), kern.adaptive_avg_pool2d_forward,
+                   kern.adaptive_avg_pool2d_backward, f"adaptive {size}")
