@@ -7,6 +7,7 @@ pool kernels join the suite as they land, with no change here.
 """
 
 import importlib.util
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 
 from brainkern import activations as A
 from brainkern import backends
+from brainkern.activations import NONE
 from helpers import assert_close, poisoned
 
 HAS_CUDA = torch.cuda.is_available()
+INF, NAN = float("inf"), float("nan")
 
 # Every code, and leaky_relu with both signs of slope (a negative slope saves the pre-activation).
 ACTIVATIONS = [A.Activation("none", A.NONE), A.Activation("relu", A.RELU),
@@ -34,6 +37,11 @@ def device_of(backend: str) -> str:
     """The device a backend's kernels take tensors on here: Triton's is the GPU when there is
     one (else the CPU, through its interpreter); the others run on the CPU."""
     return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+
+
+def interpreted(backend: str) -> bool:
+    """Whether the backend's kernels run through Triton's interpreter here (slow: sample)."""
+    return backend == "triton" and not HAS_CUDA
 
 
 def backends_for(family: str):
@@ -302,3 +310,118 @@ def check_avg_pool(kern, x, case):
 def check_adaptive_avg_pool(kern, x, size):
     check_avg_like(x, lambda t: F.adaptive_avg_pool2d(t, size), kern.adaptive_avg_pool2d_forward,
                    kern.adaptive_avg_pool2d_backward, f"adaptive {size}")
+
+
+# Conv layers and the checks the conv contract and the per-backend conv files share -------------
+
+class Layer(NamedTuple):
+    """``c_x`` channels in x, ``c_out`` in out (for a transposed conv, x has a conv output's
+    shape); ``extra`` rows and columns of out past the natural size (negative: fewer)."""
+
+    n: int
+    c_x: int
+    c_out: int
+    hw: tuple
+    k: tuple
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    extra: tuple = (0, 0)
+
+    def params(self):
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def weight_shape(self, transposed):
+        if transposed:
+            return (self.c_x, self.c_out // self.groups, *self.k)
+        return (self.c_out, self.c_x // self.groups, *self.k)
+
+    def out_hw(self, transposed):
+        sizes = []
+        for i in (0, 1):
+            reach = self.dilation[i] * (self.k[i] - 1) + 1
+            if transposed:
+                size = (self.hw[i] - 1) * self.stride[i] - 2 * self.padding[i] + reach
+            else:
+                size = (self.hw[i] + 2 * self.padding[i] - reach) // self.stride[i] + 1
+            sizes.append(size + self.extra[i])
+        return tuple(sizes)
+
+
+def layer_id(layer):
+    return (f"{layer.n}x{layer.c_x}-{layer.c_out}@{layer.hw[0]}x{layer.hw[1]}k{layer.k[0]}"
+            f"{layer.k[1]}s{layer.stride[0]}{layer.stride[1]}p{layer.padding[0]}"
+            f"{layer.padding[1]}d{layer.dilation[0]}{layer.dilation[1]}g{layer.groups}"
+            f"+{layer.extra[0]}{layer.extra[1]}")
+
+
+def conv_kernel(kern, transposed):
+    return kern.conv_transpose2d_forward if transposed else kern.conv2d_forward
+
+
+def conv_reference(transposed, x, weight, out_hw, params):
+    reference = conv_transpose2d_reference if transposed else conv2d_reference
+    return reference(x, weight, out_hw, *params)
+
+
+def conv_operands(backend, layer, transposed, dtype, fmt, bias=True):
+    x = randn_in((layer.n, layer.c_x, *layer.hw), backend, dtype, fmt)
+    weight = randn_in(layer.weight_shape(transposed), backend, dtype)
+    return x, weight, randn_in((layer.c_out,), backend, dtype) if bias else None
+
+
+def check_conv_forward(backend, layer, transposed, act, dtype, fmt, bias=True, with_pre=True,
+                       operands=None):
+    """The forward kernel on poisoned outputs against act(z), z = the float64 sum + bias."""
+    kern = kernels(backend, "conv")
+    x, weight, b = operands or conv_operands(backend, layer, transposed, dtype, fmt, bias)
+    shape = (layer.n, layer.c_out, *layer.out_hw(transposed))
+    out = poisoned_in(shape, x, fmt)
+    pre = poisoned_in(shape, x, fmt) if with_pre else None
+    conv_kernel(kern, transposed)(x, weight, b, out, pre, *layer.params(), act.code, act.param)
+    z = with_bias(conv_reference(transposed, x, weight, shape[2:], layer.params()), b)
+    scale = conv_reference(transposed, finite_magnitude(x), finite_magnitude(weight), shape[2:],
+                           layer.params())
+    scale = scale if b is None else scale + finite_magnitude(b).view(1, -1, 1, 1)
+    ref = act_forward(act, z)
+    if backend == "torch" and not torch.isfinite(z).all():
+        # torch's float32 gelu(inf) is NaN on its vector path, inf on its scalar tail: as torch
+        # computes it in dtype and out's format
+        ref = act.forward(z.to(dtype).contiguous(memory_format=fmt)).double()
+    what = f"{'transposed ' if transposed else ''}{layer_id(layer)}"
+    assert out.is_contiguous(memory_format=fmt)
+    check(out, ref, dtype, f"out {what} ({act.name} {act.param})",
+          output_scale(act, z, ref, scale))
+    if with_pre:
+        check(pre, z, dtype, f"pre {what}", scale)
+
+
+def check_backward_weight(backend, layer, dtype, fmt, specials=False):
+    kern = kernels(backend, "conv")
+    x = randn_in((layer.n, layer.c_x, *layer.hw), backend, dtype, fmt)
+    grad_pre = randn_in((layer.n, layer.c_out, *layer.out_hw(False)), backend, dtype, fmt)
+    if specials:  # only in x: a tap in the padding meets grad_pre (0 * inf is NaN or skipped)
+        x[0, 0, 0, 0], x[-1, -1, -1, -1], x[0, -1, 0, -1] = NAN, INF, -INF
+    shape = layer.weight_shape(False)
+    grad_weight = poisoned_in(shape, x)
+    kern.conv2d_backward_weight(grad_pre, x, grad_weight, *layer.params())
+    ref = conv2d_weight_reference(grad_pre, x, shape, *layer.params())
+    scale = conv2d_weight_reference(finite_magnitude(grad_pre), finite_magnitude(x), shape,
+                                    *layer.params())
+    check(grad_weight, ref, dtype, f"grad_weight {layer_id(layer)}", scale)
+
+
+def check_input_gradient(backend, layer, dtype, fmt):
+    """conv2d's input gradient: conv_transpose2d_forward from grad_pre to x's size."""
+    kern = kernels(backend, "conv")
+    weight = randn_in(layer.weight_shape(False), backend, dtype)
+    grad_pre = randn_in((layer.n, layer.c_out, *layer.out_hw(False)), backend, dtype, fmt)
+    shape = (layer.n, layer.c_x, *layer.hw)
+    grad_x = poisoned_in(shape, grad_pre, fmt)
+    kern.conv_transpose2d_forward(grad_pre, weight, None, grad_x, None, *layer.params(), NONE,
+                                  0.0)
+    ref = conv_transpose2d_reference(grad_pre, weight, layer.hw, *layer.params())
+    scale = conv_transpose2d_reference(finite_magnitude(grad_pre), finite_magnitude(weight),
+                                       layer.hw, *layer.params())
+    check(grad_x, ref, dtype, f"grad_x {layer_id(layer)}", scale)

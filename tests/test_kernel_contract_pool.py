@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from contract import (
     FORMATS,
-    HAS_CUDA,
     backend_dtypes_for,
     backends_for,
     check_adaptive_avg_pool,
     check_avg_pool,
     check_max_pool,
+    interpreted,
     kernels,
     poisoned_in,
     randn_from,
@@ -36,10 +36,6 @@ AVG_DIVISORS = [(True, 0), (False, 0), (True, 5)]
 TINY_WINDOWS = [((1, 1), (1, 1), (0, 0)), ((2, 2), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)),
                 ((4, 2), (3, 1), (2, 1))]
 INF, NAN = float("inf"), float("nan")
-
-
-def interpreted(backend):
-    return backend == "triton" and not HAS_CUDA
 
 
 def small_shape(backend):
