@@ -70,7 +70,18 @@ struct ConvKernels {
                             const float* bias, float* out, float* pre, int act, float act_param,
                             int64_t n0, int64_t n1);
   void (*max_pool_2x2)(const PoolBlock& p);
+  // Direct stride-1 convolution of one image for thin NCHW layers (groups 1, a few input
+  // channels), vectorised over the output pixels of a row: a reduction of kh * kw * c_in cannot
+  // fill a GEMM's register tile, but each input vector feeds kDirectChannels output channels.
+  // padded: c_in planes of rows x width (the input at row ph, column pw, zeros around it, at
+  // least w_out + (kw - 1) * dw + lanes wide); weight: (ceil(c_out / kDirectChannels), c_in,
+  // kh, kw, kDirectChannels), zero past c_out. out, pre: the image's (c_out, h_out, w_out).
+  void (*direct_nchw)(const ConvGeometry& c, const float* padded, int64_t rows, int64_t width,
+                      const float* weight, int64_t block, const float* bias, float* out,
+                      float* pre, int act, float act_param);
 };
+
+constexpr int64_t kDirectChannels = 8;
 
 // conv2d_activation_backward's arguments: grad_pre = grad_out * act'(saved), and grad_bias[c]
 // = the sum of grad_pre over (n, h, w) when grad_bias is not null.

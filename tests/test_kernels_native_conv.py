@@ -38,6 +38,7 @@ CASES = [
     (2, 6, 4, (9, 9), (2, 2), (2, 2), (0, 0), (3, 3), 1, (2, 0)),
     (1, 2, 3, (4, 4), (6, 6), (1, 1), (3, 3), (1, 1), 1, (1, 1)),  # kernel larger than x
     (3, 40, 24, (16, 16), (5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0)),  # K > 256, many chunks
+    (2, 2, 11, (9, 37), (3, 4), (1, 1), (2, 1), (2, 3), 1, (1, 0)),  # direct: dilated, ragged
 ]
 
 
@@ -171,8 +172,8 @@ def test_conv2d_backward_weight(isa, fmt, case):
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 def test_weight_gradient_is_the_same_on_any_thread_count(fmt):
     built()
-    x, w, _, params = inputs(CASES[-1], n=5)  # several chunks, several parts of the sum
-    grad = torch.randn(5, w.shape[0], *out_size(CASES[-1])).contiguous(memory_format=fmt)
+    x, w, _, params = inputs(CASES[10], n=5)  # several chunks, several parts of the sum
+    grad = torch.randn(5, w.shape[0], *out_size(CASES[10])).contiguous(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
     results = []
     for threads in (1, 2, 3):
