@@ -40,18 +40,18 @@ def out_like(shape, dtype, layout):
 
 
 @njit
-def _run_offsets(a, a_base, a_off, b, b_base, b_off, kc, dst, ld):
-    _simd_conv.microkernel_offsets(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld)
+def _run_offsets(a, a_base, a_off, b, b_base, b_off, kc, dst, ld, load):
+    _simd_conv.microkernel_offsets(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld, load)
 
 
 @njit
-def _run_packed_a(a, a_base, a_off, b, b_base, b_off, kc, dst, ld):
-    _simd_conv.microkernel_offsets_packed_a(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld)
+def _run_packed_a(a, a_base, a_off, b, b_base, b_off, kc, dst, ld, load):
+    _simd_conv.microkernel_offsets_packed_a(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld, load)
 
 
 @njit
-def _run_row(a, a_base, a_off, b, b_base, b_off, kc, dst, ld):
-    _simd_conv.microkernel_offsets_row(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld)
+def _run_row(a, a_base, a_off, b, b_base, b_off, kc, dst, ld, load):
+    _simd_conv.microkernel_offsets_row(a, a_base, a_off, b, b_base, b_off, kc, dst, 0, ld, load)
 
 
 RUNNERS = {(True, False): _run_offsets, (False, False): _run_packed_a, (False, True): _run_row}
@@ -60,10 +60,12 @@ RUNNERS = {(True, False): _run_offsets, (False, False): _run_packed_a, (False, T
 @pytest.mark.parametrize("rows_apart,single_row", list(RUNNERS),
                          ids=["rows_apart", "packed_a", "single_row"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("load", [False, True], ids=["zero", "load"])
 @pytest.mark.parametrize("kc", [0, 1, 37])
-def test_microkernel_offsets(kc, dtype, rows_apart, single_row):
-    """Every tile element from the offsets it is documented to read, and a zero tile for kc 0;
-    the destination's row stride is wider than the tile and its gaps stay untouched."""
+def test_microkernel_offsets(kc, load, dtype, rows_apart, single_row):
+    """Every tile element from the offsets it is documented to read, added to the tile's
+    initial values (load) or to zeros; the destination's row stride is wider than the tile and
+    its gaps stay untouched."""
     mr, nr, lanes = _simd_conv.offsets_tile(dtype, rows_apart, single_row)
     rng = np.random.default_rng(kc)
     a, b = rng.standard_normal(4000).astype(dtype), rng.standard_normal(6000).astype(dtype)
@@ -72,15 +74,17 @@ def test_microkernel_offsets(kc, dtype, rows_apart, single_row):
     b_base = rng.integers(0, 900, nr // lanes)
     ld = nr + 3
     dst = np.full(mr * ld, np.nan, dtype)
-    RUNNERS[rows_apart, single_row](a, a_base, a_off, b, b_base, b_off, kc, dst, ld)
+    initial = rng.standard_normal((mr, nr)).astype(dtype)
+    dst.reshape(mr, ld)[:, :nr] = initial
+    RUNNERS[rows_apart, single_row](a, a_base, a_off, b, b_base, b_off, kc, dst, ld, load)
     rows = a_base[:, None] if rows_apart else a_base[0] + np.arange(mr)[:, None]
     big_a = a[rows + a_off[None, :]].astype(np.float64)
     big_b = np.concatenate([b[base + b_off[:, None] + np.arange(lanes)[None, :]]
                             for base in b_base], axis=1).astype(np.float64)
     tile = dst.reshape(mr, ld)
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    ref = big_a @ big_b
-    bound = tol * (np.abs(big_a) @ np.abs(big_b))
+    ref = big_a @ big_b + (initial if load else 0.0)
+    bound = tol * (np.abs(big_a) @ np.abs(big_b) + (np.abs(initial) if load else 0.0))
     assert (np.abs(tile[:, :nr] - ref) <= bound).all()
     assert np.isnan(tile[:, nr:]).all()
 

@@ -156,23 +156,33 @@ def _weight_chunk_direct(chunk, xp, grad, col_off, partial, geom, mr, nr, lanes)
         ow = pixel % w_out
         x_pix[k] = n * sxn + oh * sh * sxh + ow * sw * sxw
         g_pix[k] = n * sgn + oh * sgh + ow * sgw
-    tile = np.empty(mr * nr, dtype=xp.dtype)
+    row_panels, co_panels = (cols + mr - 1) // mr, (cg_out + nr - 1) // nr
+    tiles = np.empty(row_panels * co_panels * mr * nr, dtype=xp.dtype)
     a_base, b_base = np.empty(mr, np.int64), np.empty(nvec, np.int64)
     group_size = cols * cg_out
     for g in range(groups):
-        acc = partial[(chunk * groups + g) * group_size:(chunk * groups + g + 1) * group_size]
-        for p in range((cols + mr - 1) // mr):
-            rows = min(mr, cols - p * mr)
-            for r in range(mr):
-                a_base[r] = g * cg_in + col_off[p * mr + min(r, rows - 1)]
-            for q in range((cg_out + nr - 1) // nr):
-                for v in range(nvec):
-                    b_base[v] = g * cg_out + min(q * nr + v * lanes, cg_out - lanes)
-                _simd_conv.microkernel_offsets(xp, a_base, x_pix, grad, b_base, g_pix, steps,
-                                               tile, 0, nr)
-                for r in range(rows):
+        # Blocks of _KC pixels, each against every tile: a block's grad_pre rows and input
+        # windows stay in L1/L2 while the tiles sum over it (one long reduction per tile
+        # streamed the whole chunk from L2 for each of them).
+        for k0 in range(0, max(steps, 1), _KC):
+            block = min(_KC, steps - k0)
+            for p in range(row_panels):
+                rows = min(mr, cols - p * mr)
+                for r in range(mr):
+                    a_base[r] = g * cg_in + col_off[p * mr + min(r, rows - 1)]
+                for q in range(co_panels):
                     for v in range(nvec):
-                        co0 = b_base[v] - g * cg_out
+                        b_base[v] = g * cg_out + min(q * nr + v * lanes, cg_out - lanes)
+                    _simd_conv.microkernel_offsets(xp, a_base, x_pix[k0:], grad, b_base,
+                                                   g_pix[k0:], block, tiles,
+                                                   (p * co_panels + q) * mr * nr, nr, k0 > 0)
+        acc = partial[(chunk * groups + g) * group_size:(chunk * groups + g + 1) * group_size]
+        for p in range(row_panels):
+            for q in range(co_panels):
+                tile = tiles[(p * co_panels + q) * mr * nr:(p * co_panels + q + 1) * mr * nr]
+                for r in range(min(mr, cols - p * mr)):
+                    for v in range(nvec):
+                        co0 = min(q * nr + v * lanes, cg_out - lanes)
                         dst = acc[(p * mr + r) * cg_out + co0:(p * mr + r) * cg_out + co0 + lanes]
                         src = tile[r * nr + v * lanes:r * nr + v * lanes + lanes]
                         for lane in range(lanes):

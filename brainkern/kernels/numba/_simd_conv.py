@@ -45,9 +45,9 @@ def offsets_tile(dtype, rows_apart: bool, single_row: bool = False) -> tuple[int
 
 
 def _make_kernel(name: str, rows_apart: bool, single_row: bool = False):
-    def kernel(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld):
+    def kernel(typingctx, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld, load):
         return _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst,
-                      dst_start, dst_ld)
+                      dst_start, dst_ld, load)
 
     # Numba names an intrinsic's typing template after the function: one name per kernel.
     kernel.__name__ = kernel.__qualname__ = name
@@ -56,8 +56,9 @@ def _make_kernel(name: str, rows_apart: bool, single_row: bool = False):
 
 
 def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start,
-           dst_ld):
-    """``dst_tile = A @ B`` for one ``mr x nr`` tile, operands read through offsets.
+           dst_ld, load):
+    """``dst_tile = (dst_tile if load else 0) + A @ B`` for one ``mr x nr`` tile, operands read
+    through offsets.
 
     a:      1-D; ``A[r, k] = a[a_base[r] + a_off[k]]`` (rows_apart: a_base is (mr,) int64) or
             ``a[a_base[0] + r + a_off[k]]`` (a packed panel: a_base is (>= 1,) int64).
@@ -65,7 +66,7 @@ def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, 
     b:      1-D; row k of B, vector v (``lanes`` consecutive columns) is
             ``b[b_base[v] + b_off[k] : ... + lanes]``.
     b_base: (nr / lanes,) int64. b_off: (>= kc,) int64.
-    kc:     steps of k (0 gives a zero tile).
+    kc:     steps of k (0 gives the initial tile).
     dst:    1-D; row r of the tile at ``dst[dst_start + r*dst_ld : ... + nr]``.
     All arrays of values share one float dtype; ``(mr, nr, lanes)`` is :func:`offsets_tile`.
     Nothing is bounds-checked: every address the offsets form must lie inside its array.
@@ -79,6 +80,7 @@ def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, 
         and all(isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.int64
                 for x in index_arrays)
         and all(isinstance(x, types.Integer) for x in (kc, dst_start, dst_ld))
+        and isinstance(load, types.Boolean)
     )
     if not ok:
         return None
@@ -114,8 +116,26 @@ def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, 
         b_vecs = [builder.gep(b_data, [builder.load(builder.gep(b_base, [int64(v)]))])
                   for v in range(nvec)]
         steps = arg_int(6)
-        start = builder.block
+        dst_base = builder.gep(data(7), [arg_int(8)])
+        dst_ld = arg_int(9)
+
+        def tile_row(r, v):
+            offset = builder.add(builder.mul(dst_ld, int64(r)), int64(v * lanes))
+            return builder.bitcast(builder.gep(dst_base, [offset]), vptr)
+
+        # Initial accumulators, loaded or zeros, merged by phis so that they stay SSA values.
         zero = ir.Constant(vector, None)
+        entry = builder.block
+        with builder.if_then(args[10]):
+            loaded = [[builder.load(tile_row(r, v), align=itemsize) for v in range(nvec)]
+                      for r in range(mr)]
+            load_block = builder.block
+        start = builder.block
+        init = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
+        for r in range(mr):
+            for v in range(nvec):
+                init[r][v].add_incoming(zero, entry)
+                init[r][v].add_incoming(loaded[r][v], load_block)
         loop = builder.append_basic_block("microkernel_offsets.loop")
         done = builder.append_basic_block("microkernel_offsets.done")
         builder.cbranch(builder.icmp_signed(">", steps, int64(0)), loop, done)
@@ -141,25 +161,20 @@ def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, 
         k.add_incoming(k_next, loop)
         for r in range(mr):
             for v in range(nvec):
-                acc[r][v].add_incoming(zero, start)
+                acc[r][v].add_incoming(init[r][v], start)
                 acc[r][v].add_incoming(new[r][v], loop)
         builder.cbranch(builder.icmp_signed("<", k_next, steps), loop, done)
 
         builder.position_at_end(done)
         result = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
-        dst_base = builder.gep(data(7), [arg_int(8)])
-        dst_ld = arg_int(9)
         for r in range(mr):
             for v in range(nvec):
-                result[r][v].add_incoming(zero, start)
+                result[r][v].add_incoming(init[r][v], start)
                 result[r][v].add_incoming(new[r][v], loop)
-                offset = builder.add(builder.mul(dst_ld, int64(r)), int64(v * lanes))
-                builder.store(result[r][v],
-                              builder.bitcast(builder.gep(dst_base, [offset]), vptr),
-                              align=itemsize)
+                builder.store(result[r][v], tile_row(r, v), align=itemsize)
         return context.get_dummy_value()
 
-    signature = types.void(a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld)
+    signature = types.void(a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld, load)
     return signature, codegen
 
 
