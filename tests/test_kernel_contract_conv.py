@@ -51,6 +51,16 @@ OTHER_DTYPES = backend_dtypes_for("conv", (torch.float64, torch.float16, torch.b
 NCHW, NHWC = torch.contiguous_format, torch.channels_last
 
 
+@pytest.fixture(autouse=True)
+def _strict_fp32_on_gpu():
+    """Triton's conv launchers follow torch's cuDNN TF32 switch, on by default: the contract
+    holds float32 to its own tolerance (TF32 is in tests/test_kernels_triton_conv.py)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 CONV_LAYERS = [
     Layer(2, 3, 5, (9, 7), (3, 3), padding=(1, 1)),
     Layer(1, 1, 4, (8, 8), (5, 5), padding=(2, 2)),  # 1-channel stem

@@ -9,18 +9,12 @@ the GPU when there is one and through its interpreter otherwise.
 import pytest
 import torch
 
-# ACT_IDS and reference_derivative are what tests/test_kernels_triton_conv.py imports from here.
-from contract import ACT_IDS, ACTIVATIONS, check_linear_forward, saved_for  # noqa: F401
+from contract import ACTIVATIONS, check_linear_forward, saved_for
 
 from brainkern.kernels.triton import linear as triton_linear
 from helpers import TF32_TOLERANCE, TOLERANCE, assert_close, poisoned
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def reference_derivative(act, saved):
-    """act'(saved) in float64: the saved tensor as the forward kept it (output or input)."""
-    return act.derivative(saved)
 
 
 def check_activation_backward(m, n, act, dtype):
@@ -30,7 +24,7 @@ def check_activation_backward(m, n, act, dtype):
                                                                              device="cuda")
     triton_linear.activation_backward(grad_out, saved, grad_pre, grad_bias, act.code, act.param,
                                       act.saves_output)
-    ref = grad_out.double() * reference_derivative(act, saved.double())
+    ref = grad_out.double() * act.derivative(saved.double())
     assert_close(grad_pre, ref, dtype, what="grad_pre")
     assert_close(grad_bias, ref.sum(0), dtype, what="grad_bias", scale=ref.abs().sum(0))
 
