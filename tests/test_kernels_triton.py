@@ -8,7 +8,6 @@ the GPU when there is one and through its interpreter otherwise.
 
 import pytest
 import torch
-
 from contract import ACTIVATIONS, check_linear_forward, saved_for
 
 from brainkern.kernels.triton import linear as triton_linear
