@@ -3,9 +3,13 @@
 ``conv2d_backward_weight`` is a GEMM ``grad_weight[co, (tap, ci)] = sum over pixels of
 grad_pre[pixel, co] * patch[pixel, (tap, ci)]`` whose reduction runs over every output pixel of
 the batch. The pixels are split into a fixed number of chunks that depends on the problem's
-size alone; each chunk accumulates its own partial gradient (packed panels of grad_pre and of
-the gathered patches, ``_simd.microkernel`` over blocks of ``_KC`` pixels), and the partials are
-added in chunk order: the result does not depend on the thread count.
+size alone; each chunk accumulates its own partial gradient over blocks of ``_KC`` pixels, and
+the partials are added in chunk order: the result does not depend on the thread count.
+With at least ``lanes`` output channels per group, a chunk reads its operands in place
+(_weight_chunk_direct: a zero-padded NHWC copy of x and NHWC grad_pre, through
+``_simd_conv.microkernel_offsets``); fewer (depthwise and narrow layers, where vectors along the
+output channels would be mostly empty) pack panels of grad_pre and of the gathered patches for
+``_simd.microkernel`` (_weight_chunk).
 
 ``conv2d_activation_backward``: ``grad_pre = grad_out * act'(saved)`` in one pass over blocks of
 rows, each block's per-channel float64 sums added in block order for the bias gradient.

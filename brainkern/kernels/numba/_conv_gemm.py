@@ -8,12 +8,19 @@ its bounds, then ``out = act(z + bias)``. A convolution is one pass (istep = str
 with only the taps that land on that phase (so no multiply-add is spent on the zeros a scatter
 formulation would insert), istep 1 and tap offsets ``(phase + ph - kh*dh) / sh``.
 
-The reduction index is ``k = t*cg_in + ci``. The weight is packed once per pass into zero-padded
-micro-panels; each work item (an image, a group, a panel of pixels) gathers its pixels' patches
-into a thread-local panel (implicit im2col, from any strides, NCHW or NHWC) and runs
-``_simd.microkernel`` against every weight panel of its group. The tile's orientation follows the
-output's layout so the epilogue writes contiguous rows: NCHW (``weight_rows``): rows are output
-channels, columns pixels of one image; NHWC: rows are pixels, columns output channels.
+The reduction index is ``k = t*cg_in + ci``. The input is first copied with zero borders
+(_conv_pad.py) wide enough that every tap of every computed pixel lies inside it: no bounds
+tests, and no patches gathered. The weight is packed once per pass into zero-padded micro-panels.
+Each work item (an image, a group, a panel of pixels) runs the offset-addressed micro-kernels of
+_simd_conv.py, which read the input where it lies (pixel base + per-k offset), against every
+weight panel of its group. Two tile orientations:
+
+- NCHW output with unit input steps along a row (``weight_rows``): rows are output channels
+  (broadcasts from the packed weight), each column vector ``lanes`` consecutive pixels of one
+  output row read straight from an NCHW copy; the epilogue stores rows of pixels. One or two
+  output channels take a 1-row tile of 8 vectors instead of 12 rows of padding.
+- otherwise: rows are pixels (broadcasts from an NHWC copy, any steps), columns output channels
+  (vectors of the packed weight), reduced in blocks of ``_KC`` steps.
 
 Integer geometry travels in one int64 array (``G_*`` indices) so each kernel has one compiled
 signature per dtype.

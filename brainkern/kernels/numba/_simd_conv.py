@@ -8,6 +8,9 @@ offset[k]`` instead: with a zero-padded input, the patch element of pixel p and 
 k = (tap, ci) is ``x[pixel_base[p] + tap_offset[k]]``, so the micro-kernel reads the input where
 it lies, and a packed panel is the special case ``base[r] = start + r``, ``offset[k] = k * width``.
 
+As for _simd.py, Numba's cache does not key on this module's source: after editing it, delete
+the ``__pycache__/*.nb[ic]`` files of the modules that call it.
+
 The code is the same LLVM vector code as ``_simd.microkernel`` (accumulators as SSA values,
 ``llvm.fma`` on ``<lanes x float>``), with the tile of :func:`offsets_tile`.
 """

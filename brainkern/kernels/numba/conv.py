@@ -1,8 +1,8 @@
 """Numba CPU kernels for the convolution op family (interface: brainkern/kernels/__init__.py).
 
-``conv2d_forward`` and ``conv_transpose2d_forward`` run as implicit GEMMs (_conv_gemm.py):
-patches gathered per panel of output pixels straight from NCHW or NHWC input, the SIMD
-micro-kernel, and the bias + activation epilogue on the register tile. A transposed convolution
+``conv2d_forward`` and ``conv_transpose2d_forward`` run as implicit GEMMs (_conv_gemm.py): a
+zero-padded copy of the input (_conv_pad.py) read in place by offset-addressed SIMD micro-kernels
+(_simd_conv.py), and the bias + activation epilogue on the register tile. A transposed convolution
 is computed per output phase with only the taps that reach it (a gather, no scatter and no
 multiply-adds on inserted zeros). Depthwise layers (one input channel per group), where a GEMM
 tile would be mostly empty, run a direct kernel (_conv_direct.py).
