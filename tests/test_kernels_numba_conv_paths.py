@@ -239,3 +239,29 @@ def test_paths_do_not_depend_on_thread_count(layout):
     assert_close(one[0], ref.relu(), torch.float32, scale=scale)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("act", [(acts.RELU, 0.0), (acts.LEAKY_RELU, 0.2), (acts.SIGMOID, 0.0)],
+                         ids=["relu", "leaky_relu", "sigmoid"])
+def test_activation_backward_runs(act, layout):
+    """Contiguous runs (the vectorized relu/leaky_relu loops) against torch, and bit-identical
+    to the general loop that a strided grad_out takes."""
+    code, param = act
+    z = make((3, 5, 7, 9), torch.float32, layout)
+    saved = (torch.sigmoid(z) if code == acts.SIGMOID else torch.where(z > 0, z, z * param))
+    grad_out = make(z.shape, torch.float32, layout)
+    strided = make((3, 5, 7, 18), torch.float32)[..., ::2]
+    strided.copy_(grad_out)
+    results = []
+    for g in (grad_out, strided):
+        grad_pre, grad_bias = out_like(z.shape, torch.float32, layout), poisoned(5)
+        kern.conv2d_activation_backward(g, saved, grad_pre, grad_bias, code, param, True)
+        results.append((grad_pre, grad_bias))
+    slope = {acts.RELU: (z > 0).double(), acts.LEAKY_RELU: torch.where(z > 0, 1.0, param).double(),
+             acts.SIGMOID: saved.double() * (1 - saved.double())}[code]
+    ref = grad_out.double() * slope
+    assert_close(results[0][0], ref, torch.float32, what="grad_pre")
+    assert_close(results[0][1], ref.sum((0, 2, 3)), torch.float32, what="grad_bias",
+                 scale=ref.abs().sum((0, 2, 3)))
+    assert torch.equal(results[0][0], results[1][0])
