@@ -47,6 +47,9 @@ from contract import (
 from brainkern.activations import NONE
 
 CONV = backends_for("conv")
+# Triton's interpreter computes in numpy, which warns of the inf - inf and 0 * inf it is given.
+INTERPRETER_NAN_WARNINGS = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning")
 OTHER_DTYPES = backend_dtypes_for("conv", (torch.float64, torch.float16, torch.bfloat16))
 NCHW, NHWC = torch.contiguous_format, torch.channels_last
 
@@ -129,7 +132,10 @@ def test_forward_every_epilogue(backend, act, transposed):
     """Every activation with and without bias and pre, on the GEMM and depthwise paths (groups
     with a bias: a bias indexed by the channel within its group is a known Triton hazard)."""
     layers = TRANSPOSED_LAYERS if transposed else CONV_LAYERS
-    for bias, with_pre, fmt, index in EPILOGUES:
+    epilogues = EPILOGUES
+    if interpreted(backend):  # half per activation, alternating: every pairing still runs
+        epilogues = EPILOGUES[ACTIVATIONS.index(act) % 2::2]
+    for bias, with_pre, fmt, index in epilogues:
         check_conv_forward(backend, layers[index], transposed, act, torch.float32, fmt, bias,
                            with_pre)
 
@@ -150,6 +156,7 @@ SPECIAL_LAYERS = [(False, CONV_LAYERS[0], False), (False, CONV_LAYERS[5], False)
                   (True, Layer(1, 18, 17, (5, 4), (1, 1)), True)]
 
 
+@INTERPRETER_NAN_WARNINGS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
 @pytest.mark.parametrize("backend", CONV)
@@ -188,6 +195,7 @@ def test_conv2d_gradients_dtypes(backend, dtype):
         check_input_gradient(backend, layer, dtype, fmt)
 
 
+@INTERPRETER_NAN_WARNINGS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("backend", CONV)
 def test_backward_weight_nan_and_inf(backend, dtype):
@@ -229,6 +237,7 @@ GRAD_VIEWS = [
 ACTIVATION_SHAPES = [(1, 1, 1, 1), (3, 7, 5, 9), (2, 37, 7, 9)]
 
 
+@INTERPRETER_NAN_WARNINGS
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("act", BACKWARD_ACTIVATIONS, ids=BACKWARD_ACT_IDS)
 @pytest.mark.parametrize("backend", CONV)
