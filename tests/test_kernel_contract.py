@@ -9,10 +9,10 @@ Triton's 64 x 64 x 32 interpreter tile, the CPU k block (256). Shapes stay small
 interpreter. What only one backend has (ISAs, thread splits, autotune configs, ahead-of-time
 compilation) stays in its own test file.
 
-Families plug in through tests/contract.py: ``backends_for(family)`` lists every backend and
-skips one only while it has no module for that family, so the conv and pool kernels' cases
-(same pattern: poisoned outputs, float64 oracle, every bias/pre/activation) run on each backend
-as its module lands.
+This module holds the linear family; tests/test_kernel_contract_conv.py and
+tests/test_kernel_contract_pool.py hold conv and pooling, on the same tools (tests/contract.py):
+``backends_for(family)`` lists every backend and skips one only while it has no module for
+that family, so a new backend's kernels join every contract as its modules land.
 """
 
 import ast
