@@ -77,7 +77,7 @@ CONV_LAYERS = [
     Layer(1, 2, 3, (15, 16), (7, 7), (3, 3), (3, 3), (2, 2)),
     Layer(2, 6, 4, (9, 9), (2, 2), (2, 2), (0, 0), (3, 3), extra=(2, 0)),
     Layer(1, 2, 3, (4, 4), (6, 6), padding=(3, 3), extra=(1, 1)),  # kernel wider than x
-    Layer(1, 8, 40, (12, 11), (4, 2), (3, 2), (1, 0), (1, 2), 2),  # past a 12 x 32 tile
+    Layer(1, 8, 40, (12, 11), (4, 2), (3, 2), (1, 0), (1, 2), 2),  # 20 channels a group
     Layer(2, 5, 1, (7, 6), (3, 3), extra=(-1, 0)),  # 1 output channel; out cropped
     Layer(3, 4, 6, (1, 1), (3, 3), padding=(1, 1)),  # 1 x 1 planes
     Layer(2, 4, 12, (9, 8), (5, 3), (1, 2), (2, 1), groups=4, extra=(1, 1)),  # multiplier 3
