@@ -27,10 +27,25 @@ DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64)
 
 
+def _padded_for_pass(x, top, bottom, left, right, nchw, copies):
+    """A padded copy of x with at least these borders, and its (top, left): one made for an
+    earlier pass of the same call (``copies``: layout -> (copy, borders)) when it has room,
+    so that the phases of a transposed convolution share one copy."""
+    if nchw in copies:
+        xp, have = copies[nchw]
+        if all(h >= need for h, need in zip(have, (top, bottom, left, right))):
+            return xp, have[0], have[2]
+        top, bottom, left, right = (max(h, need) for h, need in
+                                    zip(have, (top, bottom, left, right)))
+    xp = padded(x, top, bottom, left, right, nchw)
+    copies[nchw] = xp, (top, bottom, left, right)
+    return xp, top, left
+
+
 def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_dw, act_code,
-              act_param, batch):
+              act_param, batch, copies):
     """One pass of the implicit GEMM (see _conv_gemm): pad the input so that no tap needs a
-    bounds test, pack the weight, run the work items."""
+    bounds test (copies: see _padded_for_pass), pack the weight, run the work items."""
     dtype = _NUMPY_DTYPE[out.dtype]
     _, _, lanes = _simd.gemm_tile(dtype)
     hg, wg = geom[gemm.G_HG], geom[gemm.G_WG]
@@ -54,7 +69,7 @@ def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_
         last_col = row_segments * lanes - 1 if weight_rows else (wg - 1) * geom[gemm.G_ISTEP_W]
         bottom = max(0, int((hg - 1) * geom[gemm.G_ISTEP_H] + tap_dh.max()) - (x.shape[2] - 1))
         right = max(0, int(last_col + tap_dw.max()) - (x.shape[3] - 1))
-        xp = padded(x, top, bottom, left, right, bool(weight_rows))
+        xp, top, left = _padded_for_pass(x, top, bottom, left, right, weight_rows, copies)
         sxn, sxc, sxh, sxw = gemm.strides(xp)
         k_off = (((tap_dh + top) * sxh + (tap_dw + left) * sxw)[:, None]
                  + np.arange(cg_in, dtype=np.int64)[None, :] * sxc).reshape(-1)
@@ -137,7 +152,7 @@ def conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
         _depthwise(x, weight, bias, out, pre, geom, taps_h, taps_w, act_code, act_param, batch)
         return
     taps = _taps(taps_h, taps_w) if x.numel() else _taps([], [])
-    _run_pass(x, _flat(weight), bias, out, pre, geom, *taps, act_code, act_param, batch)
+    _run_pass(x, _flat(weight), bias, out, pre, geom, *taps, act_code, act_param, batch, {})
 
 
 def _phase_taps(phase, pad, dilation, stride, size):
@@ -163,6 +178,7 @@ def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilatio
                      (cg_in * cg_out * kernel_area, kernel_area, cg_out * kernel_area), kw_size)
     geom[[gemm.G_ISTEP_H, gemm.G_ISTEP_W, gemm.G_OSTEP_H, gemm.G_OSTEP_W]] = 1, 1, sh, sw
     weight_flat = _flat(weight)
+    copies = {}
     for phase_h in range(min(sh, h_out)):
         taps_h = _phase_taps(phase_h, ph, dh, sh, kh_size) if x.numel() else []
         for phase_w in range(min(sw, w_out)):
@@ -175,7 +191,7 @@ def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilatio
                            act_param, batch)
             else:
                 _run_pass(x, weight_flat, bias, out, pre, pass_geom,
-                          *_taps(taps_h, taps_w), act_code, act_param, batch)
+                          *_taps(taps_h, taps_w), act_code, act_param, batch, copies)
 
 
 conv2d_backward_weight = _conv_backward.conv2d_backward_weight
