@@ -102,6 +102,9 @@ def test_padded_copy(source, nchw):
     fmt = torch.contiguous_format if nchw else torch.channels_last
     assert xp.is_contiguous(memory_format=fmt)
     assert torch.equal(xp, F.pad(x, (0, 3, 2, 1)))
+    same = _conv_pad.padded(x, 0, 0, 0, 0, nchw)
+    assert torch.equal(same, x) and same.is_contiguous(memory_format=fmt)
+    assert (same is x) == x.is_contiguous(memory_format=fmt)
 
 
 def _reference(x, weight, bias, stride, padding, dilation, groups, transposed, output_padding):
@@ -126,6 +129,7 @@ FORWARD = [
     (2, 6, 8, (1, -2), (3, 1), (1, 1), (1, 0), (2, 1), 2),
     (1, 1, 32, (2, 0), (5, 5), (1, 1), (2, 2), (1, 1), 1),
     (3, 5, 7, (1, 0), (3, 3), (2, 1), (1, 1), (1, 2), 1),
+    (2, 6, 20, (1, 0), (1, 1), (1, 1), (0, 0), (1, 1), 1),  # 1x1: the input read as it is
 ]
 
 

@@ -18,7 +18,6 @@ rows, each block's per-channel float64 sums added in block order for the bias gr
 from __future__ import annotations
 
 import numpy as np
-import torch
 from numba import njit, prange
 
 from brainkern.activations import LEAKY_RELU, RELU, saves_output
@@ -257,8 +256,7 @@ def _backward_weight_direct(grad_pre, x, grad_weight, geom, chunks, mr, nr, lane
     bottom = max(0, int((h_out - 1) * sh - ph + (kh_size - 1) * dh) - (h - 1))
     right = max(0, int((w_out - 1) * sw - pw + (kw_size - 1) * dw) - (w - 1))
     xp = padded(x, int(ph), bottom, int(pw), right, nchw=False)
-    nhwc = grad_pre.is_contiguous(memory_format=torch.channels_last)
-    grad = grad_pre if nhwc else padded(grad_pre, 0, 0, 0, 0, nchw=False)
+    grad = padded(grad_pre, 0, 0, 0, 0, nchw=False)
     geom[[W_SXN, W_SXC, W_SXH, W_SXW]] = strides(xp)
     geom[[W_SGN, W_SGC, W_SGH, W_SGW]] = strides(grad)
     cg_in, groups, cg_out = geom[W_CG_IN], geom[W_GROUPS], geom[W_CG_OUT]
