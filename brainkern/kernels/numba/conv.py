@@ -49,6 +49,15 @@ def _run_pass(x, weight_flat, bias, out, pre, geom, tap_kh, tap_kw, tap_dh, tap_
     dtype = _NUMPY_DTYPE[out.dtype]
     _, _, lanes = _simd.gemm_tile(dtype)
     hg, wg = geom[gemm.G_HG], geom[gemm.G_WG]
+    if (len(tap_dh) and not tap_dh.any() and not tap_dw.any() and x.is_contiguous()
+            and tuple(x.shape[2:]) == (hg, wg) and geom[gemm.G_SOW] == 1
+            and geom[gemm.G_SOH] == wg and not geom[gemm.G_OH0] and not geom[gemm.G_OW0]
+            and (geom[[gemm.G_ISTEP_H, gemm.G_ISTEP_W, gemm.G_OSTEP_H, gemm.G_OSTEP_W]] == 1).all()):
+        # A 1x1 convolution of NCHW planes: each image's plane is one long row, so that the
+        # tile's pixel vectors run across the rows (no lanes lost at the rows' ends).
+        hg, wg = 1, hg * wg
+        geom[[gemm.G_HG, gemm.G_WG]] = hg, wg
+        x = x.reshape(x.shape[0], x.shape[1], 1, wg)
     row_segments = _cdiv(wg, lanes)
     # Output channels on the tile rows, pixels read as vectors straight from the padded input,
     # when the output is NCHW (contiguous epilogue stores) and few vector lanes fall past the
