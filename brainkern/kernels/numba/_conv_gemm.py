@@ -220,10 +220,19 @@ def forward_items(first, last, xp, wpack, k_off, bias, has_bias, out, pre, has_p
                 else:
                     microkernel_offsets_packed_a(wpack, w_base, w_off, xp, bases, k_off, k_total,
                                                  tile, 0, nr, False)
-                for v in range(nvec):
-                    _epilogue(tile[v * lanes:], nr, min(ww, cg_out - cq * ww), seg_cols[v],
-                              co_off, pix_off[v * lanes:], bias, has_bias, co_first, True, out,
-                              pre, has_pre, code, param)
+                # Vectors that continue each other in out (a row split over vectors, or a 1x1
+                # pass's long rows) are stored as one run: one epilogue call per run.
+                v = 0
+                while v < nvec:
+                    cols, end = seg_cols[v], v + 1
+                    while (end < nvec and cols == (end - v) * lanes and seg_cols[end] > 0
+                           and pix_off[end * lanes] == pix_off[v * lanes] + cols):
+                        cols += seg_cols[end]
+                        end += 1
+                    _epilogue(tile[v * lanes:], nr, min(ww, cg_out - cq * ww), cols, co_off,
+                              pix_off[v * lanes:], bias, has_bias, co_first, True, out, pre,
+                              has_pre, code, param)
+                    v = end
         else:
             # Blocks of _KC reduction steps, each against every weight panel: a block of the
             # packed weight (nr x _KC) stays in L1 (one pass over all k streamed the whole
