@@ -28,15 +28,25 @@ def _pad_to_out(x, weight, out_hw, stride, padding, dilation):
     return F.pad(x, (padding[1], right, padding[0], bottom))
 
 
+def _empty_reduction(x, weight, bias, c_out, out_hw):
+    """An empty sum (no input channels) is 0: torch's convolutions reject or misshape it."""
+    z = x.new_zeros((x.shape[0], c_out, *out_hw))
+    return z if bias is None else z + bias.view(1, -1, 1, 1)
+
+
 def conv2d(x, weight, bias, out_hw, stride, padding, dilation, groups):
     """The kernel's convolution (padding before, output size given) in differentiable torch
     ops: what the ``torch`` backend runs, and what the ops layer differentiates twice."""
+    if x.shape[1:].numel() == 0:
+        return _empty_reduction(x, weight, bias, weight.shape[0], out_hw)
     return F.conv2d(_pad_to_out(x, weight, out_hw, stride, padding, dilation), weight, bias,
                     stride, 0, dilation, groups)
 
 
 def conv_transpose2d(x, weight, bias, out_hw, stride, padding, dilation, groups):
     """The kernel's transposed convolution in differentiable torch ops (see :func:`conv2d`)."""
+    if x.shape[1:].numel() == 0:
+        return _empty_reduction(x, weight, bias, weight.shape[1] * groups, out_hw)
     full = F.conv_transpose2d(x, weight, None, stride, 0, 0, groups, dilation)
     (h, w), (ho, wo) = full.shape[-2:], out_hw
     # Rows [padding, padding + ho) of the unpadded result; past its end the sum is empty (0).
