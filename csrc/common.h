@@ -44,6 +44,10 @@ struct GemmArgs {
   int64_t m, n, k;
   int act;
   float act_param;
+  // B already packed, all of it, by IsaKernels::pack_b_panels (b, b_stride_k and b_stride_n
+  // then unused): for a B that many GEMMs share, such as a convolution's weight for every
+  // chunk of pixels. Only for blocks whose first column n0 is a multiple of nr.
+  const float* b_packed = nullptr;
 };
 
 // grad_pre = grad_out * act'(saved), float32 (see act_backward.inc for which tensor is saved).
@@ -108,6 +112,10 @@ struct IsaKernels {
                                    double* sums);
   // Runs `iterations` rounds of independent multiply-adds; returns the FLOPs done.
   double (*fma_burst)(int64_t iterations);
+  // Packs all of B (k x n, element (p, j) at b[p * sk + j * sn]) for GemmArgs::b_packed into
+  // dst: ceil(n / nr) micro-panels of k x nr, columns past n zero.
+  void (*pack_b_panels)(const float* b, int64_t sk, int64_t sn, int64_t k, int64_t n,
+                        float* dst);
 };
 
 }  // namespace bk

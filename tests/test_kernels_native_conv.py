@@ -346,6 +346,39 @@ def test_nchw_batch_smaller_than_the_team(n):
     assert all(torch.equal(a, c) for pair in outs[1:] for a, c in zip(pair, outs[0]))
 
 
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("hw", [1, 4])
+def test_generator_layers_on_small_images(fmt, hw):
+    """A DCGAN generator's upsampling (1x1 and 4x4 inputs, many images): the transposed forward
+    takes several images per GEMM (NCHW through an NHWC copy of the batch), its weight gradient
+    one GEMM shared by the team; the same as torch and on any thread count."""
+    built()
+    n, c_x, c_out = 7, 24, 12
+    stride, padding = ((1, 1), (0, 0)) if hw == 1 else ((2, 2), (1, 1))
+    x = torch.randn(n, c_x, hw, hw).contiguous(memory_format=fmt)
+    w = torch.randn(c_x, c_out, 4, 4)
+    b = torch.randn(c_out)
+    params = (stride, padding, (1, 1), 1)
+    ref = F.conv_transpose2d(x.double(), w.double(), b.double(), stride, padding)
+    grad = torch.randn(ref.shape).contiguous(memory_format=fmt)
+    weight = w.double().requires_grad_(True)
+    y = F.conv_transpose2d(x.double(), weight, None, stride, padding)
+    (ref_w,) = torch.autograd.grad(y, weight, grad.double())
+    outs = []
+    for threads in (1, 2, 3):
+        out = poisoned_like(ref.shape, fmt)
+        pre = poisoned_like(ref.shape, fmt)
+        call("conv_transpose2d_forward", x, w, b, out, pre, *params, A.RELU, 0.0,
+             num_threads=threads)
+        grad_w = torch.full(w.shape, float("nan"))
+        call("conv2d_backward_weight", x, grad, grad_w, *params, num_threads=threads)
+        outs.append((out, pre, grad_w))
+    assert_close(outs[0][1], ref, torch.float32, what="pre")
+    assert_close(outs[0][0], ref.relu(), torch.float32, what="out")
+    assert_close(outs[0][2], ref_w, torch.float32, what="grad_w")
+    assert all(torch.equal(a, c) for run in outs[1:] for a, c in zip(run, outs[0]))
+
+
 def test_large_conv_buffers_are_released():
     """A layer whose weight-gradient parts (8 x 256 x 2304 floats, 18 MB) exceed the 4 MB a
     buffer may keep leaves this thread holding no more than a small layer would."""
