@@ -119,12 +119,26 @@ def _right_mul(mul, b, a):
 
 
 def _train_step(layer, x, post, mode):
-    """One forward (``fwd``, no autograd) or forward+backward (``fwd+bwd``) of ``layer``."""
+    """One forward (``fwd``, no autograd) or forward+backward (``fwd+bwd``) of ``layer``, as a
+    training loop runs it: the gradients start at None (``optimizer.zero_grad()``'s default), so
+    the backward hands its gradients over instead of adding them into the last step's, which
+    would time a tensor addition that no training step does."""
     if mode == "fwd":
         with torch.no_grad():
             return post(layer(x))
+    _clear_grads(layer, x)
     y = post(layer(x))
     y.backward(torch.ones_like(y))
+
+
+def _clear_grads(layer, x) -> None:
+    x.grad = None
+    if isinstance(layer, torch.nn.Module):
+        layer.zero_grad(set_to_none=True)
+    elif isinstance(layer, functools.partial):  # a function of x and fixed operands
+        for t in layer.args:
+            if isinstance(t, torch.Tensor):
+                t.grad = None
 
 
 def bench_square(sizes, results: list[Result]) -> None:

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 import torch
 
 import brainkern.nn as bnn
-from brainkern.bench import Impl, Result, cpu_backends, header, machine_peak_gflops, time_impls
+from brainkern.bench import (
+    Impl,
+    Result,
+    _identity,
+    _train_step,
+    cpu_backends,
+    header,
+    machine_peak_gflops,
+    time_impls,
+)
 
 CL = torch.channels_last
 
@@ -76,12 +85,7 @@ DCGAN_CASES = [
 
 
 def _step(model, x, mode):
-    if mode == "fwd":
-        with torch.no_grad():
-            return model(x)
-    y = model(x)
-    y.backward(torch.ones_like(y))
-    return None
+    return _train_step(model, x, _identity, mode)
 
 
 def conv_impls(case: ConvCase, mode: str, compile: bool) -> dict[str, Impl]:

@@ -298,6 +298,7 @@ double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds) {
 }
 
 #include "conv_dispatch.inc"
+#include "conv_backward_dispatch.inc"
 #include "conv_block_dispatch.inc"
 
 }  // namespace bk

@@ -12,6 +12,8 @@ tests/test_kernel_contract_conv.py; this file keeps the ISAs, thread counts, the
 (thin NCHW, through NHWC, small batches, buffers) and the check_ functions.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,9 +202,12 @@ def test_conv2d_activation_backward(isa, fmt, code, param):
         z = torch.randn(shape, dtype=torch.float64) * 3
         saved, d = saved_and_reference(z, code, param)
         saved = saved.contiguous(memory_format=fmt)
-        # grad_out in the other format and as a strided view: any strides are allowed
-        grad_out = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
-        for grad_bias in (torch.full((shape[1],), float("nan")), None):
+        # grad_out as a strided view (any strides are allowed) and contiguous in saved's format
+        # (what the op passes; small NCHW planes take an image-at-a-time path)
+        strided = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
+        for grad_out, grad_bias in itertools.product(
+                (strided, strided.contiguous(memory_format=fmt)),
+                (torch.full((shape[1],), float("nan")), None)):
             grad_pre = poisoned_like(shape, fmt)
             call("conv2d_activation_backward", grad_out, saved, grad_pre, grad_bias, code, param,
                  A.saves_output(code, param), isa=isa)
