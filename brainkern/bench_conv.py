@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import brainkern.nn as bnn
+from brainkern.accelerate import accelerate
 from brainkern.bench import (
     Impl,
     Result,
@@ -143,6 +144,36 @@ def bench_models(results: list[Result]) -> None:
                            for name, s in time_impls(impls, min_seconds=1.0, rounds=5).items())
 
 
+def bench_blocks(results: list[Result]) -> None:
+    """The CNN's blocks, Conv2d + ReLU + MaxPool2d(2): torch eager, brainkern's two layers
+    (``unfused``) and the one op ``brainkern.accelerate`` makes of them (``fused``)."""
+    for case in CNN_CASES:
+        torch_block = torch.nn.Sequential(*case.layers()[0], torch.nn.MaxPool2d(2))
+        unfused = torch.nn.Sequential(case.layers()[1], bnn.MaxPool2d(2))
+        unfused[0].load_state_dict(torch_block[0].state_dict())
+        fused = accelerate(copy.deepcopy(torch_block))
+        if not fused[0].fuses_max_pool:
+            raise RuntimeError("bench conv: accelerate did not fuse the conv block")
+        fwd = case.forward_flops()
+        for mode, flops in (("fwd", fwd), ("fwd+bwd", fwd * (3 if case.input_grad else 2))):
+            x = torch.randn(case.batch, case.c_in, case.hw, case.hw)
+            impls = {}
+            for layout, t in (("NCHW", x), ("channels_last", x.contiguous(memory_format=CL))):
+                t.requires_grad_(case.input_grad and mode != "fwd")
+                model = copy.deepcopy(torch_block)
+                if layout == "channels_last":
+                    model = model.to(memory_format=CL)
+                name = "torch eager" if layout == "NCHW" else "torch eager channels_last"
+                impls[name] = Impl(functools.partial(_step, model, t, mode))
+                for backend in cpu_backends():
+                    for label, block in (("unfused", unfused), ("fused", fused)):
+                        impls[f"{backend} {label} {layout}"] = Impl(
+                            functools.partial(_step, block, t, mode), backend)
+            label = case.label.replace("cnn", "cnn block", 1) + " +relu+maxpool2"
+            results.extend(Result(f"{label} b{case.batch} {mode}", name, flops, s)
+                           for name, s in time_impls(impls, min_seconds=0.6, rounds=5).items())
+
+
 def _run_all(fns):
     for fn in fns:
         fn()
@@ -177,8 +208,9 @@ def _with_threads(threads, fn):
 
 
 def run_conv(threads: int = 2, compile: bool = False, command: str = "brainkern bench conv",
-             groups=("cnn", "resnet", "dcgan", "models")) -> str:
-    """The conv benchmark as markdown: the CNN's, ResNet-style and the DCGAN generator's layers."""
+             groups=("cnn", "resnet", "dcgan", "models", "block")) -> str:
+    """The conv benchmark as markdown: the CNN's, ResNet-style and the DCGAN generator's layers,
+    the models' summed layers and the CNN's fused conv blocks."""
     def run():
         peak = machine_peak_gflops(threads)
         results: list[Result] = []
@@ -186,6 +218,8 @@ def run_conv(threads: int = 2, compile: bool = False, command: str = "brainkern 
         for group in groups:
             if group == "models":
                 bench_models(results)
+            elif group == "block":
+                bench_blocks(results)
             else:
                 bench_convs(chosen[group], results, compile)
         return header(threads, peak, command) + "\n\n" + format_table(results, peak)

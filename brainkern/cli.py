@@ -139,8 +139,9 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--batches", type=int, nargs="+", default=[64, 512],
                               help="batch sizes for the MLP's layers")
     bench_parser.add_argument("--threads", type=int, default=2)
-    bench_parser.add_argument("--groups", nargs="+", default=["cnn", "resnet", "dcgan", "models"],
-                              choices=["cnn", "resnet", "dcgan", "models"],
+    bench_parser.add_argument("--groups", nargs="+",
+                              default=["cnn", "resnet", "dcgan", "models", "block"],
+                              choices=["cnn", "resnet", "dcgan", "models", "block"],
                               help="conv: which layer groups to time")
     bench_parser.add_argument("--compile", action="store_true",
                               help="conv: also time torch.compile of each torch layer")

@@ -66,8 +66,9 @@ dense in one common format, NCHW (``torch.contiguous_format``) or NHWC (``torch.
 A kernel reads them as NHWC when every one of them is contiguous in torch.channels_last, else
 as NCHW (then every one is contiguous). Decide it from all of them, not from one: a tensor with
 one channel or 1 x 1 planes is contiguous in both formats (the same bytes either way), so it
-alone cannot tell which format the others have. weight and grad_weight are contiguous (C_out, C_in / groups, kH, kW). Any of N,
-C_in, C_out, H_out, W_out may be 0 (batch 0: nothing is written but grad_weight, set to 0).
+alone cannot tell which format the others have. weight and grad_weight are contiguous
+(C_out, C_in / groups, kH, kW). Any of N, C_in, C_out, H_out, W_out may be 0 (batch 0: nothing is
+written but grad_weight, set to 0).
 
 ``conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups, act_code,
                  act_param) -> None``
@@ -150,10 +151,11 @@ N may be 0 (nothing to write).
 
 import torch
 
+from brainkern.activations import NONE
+
 # Registers the fork handler at brainkern's import (ops import this package): a fork before a
 # CPU backend's kernels are first imported must be seen too (brainkern/kernels/_openmp.py).
 from brainkern.kernels import _openmp  # noqa: F401
-from brainkern.activations import NONE
 
 
 def compose_linear_backward(kern, grad_out, x, weight, saved, grad_x, grad_w, grad_bias, act_code,

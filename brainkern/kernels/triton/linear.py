@@ -14,7 +14,6 @@ import triton.language as tl
 
 from brainkern.kernels.triton._activations import activation_derivative, activation_forward
 
-
 # CPU tensors only through Triton's interpreter (brainkern.backends checks TRITON_INTERPRET).
 DEVICES = ("cuda", "cpu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
