@@ -69,6 +69,15 @@ struct ConvKernels {
   void (*depthwise_forward)(const ConvGeometry& c, const float* in, const float* weight,
                             const float* bias, float* out, float* pre, int act, float act_param,
                             int64_t n0, int64_t n1);
+  // The depthwise convolution's adjoints (groups as for depthwise_forward), each element
+  // gathered, not scattered. depthwise_backward_input: images [n0, n1) of dx (c's input
+  // shape) from dz (its output shape), written whole; weight as depthwise_forward reads it.
+  // depthwise_backward_weight: dW summed over images [n0, n1) into acc (c_out * kh * kw,
+  // written whole), tap-major (tap * c_out + co) for NHWC, the weight's order for NCHW.
+  void (*depthwise_backward_input)(const ConvGeometry& c, const float* dz, const float* weight,
+                                   float* dx, int64_t n0, int64_t n1);
+  void (*depthwise_backward_weight)(const ConvGeometry& c, const float* dz, const float* x,
+                                    float* acc, int64_t n0, int64_t n1);
   void (*max_pool_2x2)(const PoolBlock& p);
   // Direct stride-1 convolution of one image for thin NCHW layers (groups 1, a few input
   // channels), vectorised over the output pixels of a row: a reduction of kh * kw * c_in cannot

@@ -45,7 +45,7 @@ def test_bench_conv_and_pool_print_tables(monkeypatch, capsys):
                 impl.fn()
         return dict.fromkeys(impls, 1e-3)
 
-    tiny = [bench_conv.ConvCase("tiny conv", 2, 3, 4, 3, 1, 1, 6),
+    tiny = [bench_conv.ConvCase("cnn tiny conv", 2, 3, 4, 3, 1, 1, 6),
             bench_conv.ConvCase("tiny up", 2, 4, 2, 4, 2, 1, 3, transposed=True,
                                 activation="tanh")]
     monkeypatch.setattr(bench_conv, "time_impls", run_once)
@@ -60,9 +60,12 @@ def test_bench_conv_and_pool_print_tables(monkeypatch, capsys):
                  *(f"{b} {layout}" for b in bench.cpu_backends()
                    for layout in ("NCHW", "channels_last"))):
         assert f"| {impl} |" in text
-    for case in ("tiny conv b2 fwd+bwd", "tiny up b2 fwd", "cnn conv layers (sum) fwd+bwd",
-                 "dcgan generator (sum) fwd"):
+    for case in ("cnn tiny conv b2 fwd+bwd", "tiny up b2 fwd", "cnn conv layers (sum) fwd+bwd",
+                 "dcgan generator (sum) fwd", "cnn block tiny conv +relu+maxpool2 b2 fwd+bwd"):
         assert case in text
+    for backend in bench.cpu_backends():
+        assert f"| {backend} fused channels_last |" in text
+        assert f"| {backend} unfused NCHW |" in text
     assert cli.main(["bench", "pool"]) == 0
     text = capsys.readouterr().out
     assert "max 2x2 (2, 3, 8, 8) fwd+bwd" in text and "GB/s" in text

@@ -44,6 +44,10 @@ CASES = [
     # weight gradient as dW = dz^T cols (not its transpose): K a multiple of 256, or wide C_out
     (2, 16, 8, (6, 7), (4, 4), (1, 1), (1, 2), (1, 1), 1, (0, 0)),
     (1, 8, 72, (5, 6), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
+    # depthwise NCHW with rows of 64+ outputs: the direct NCHW kernels (narrower ones go
+    # through NHWC an image at a time)
+    (1, 3, 6, (3, 66), (3, 3), (1, 1), (1, 1), (1, 1), 3, (0, 0)),
+    (2, 2, 2, (4, 131), (3, 2), (2, 2), (1, 0), (1, 2), 2, (0, 0)),
 ]
 
 

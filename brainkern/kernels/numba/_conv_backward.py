@@ -18,6 +18,7 @@ rows, each block's per-channel float64 sums added in block order for the bias gr
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit, prange
 
 from brainkern.activations import LEAKY_RELU, RELU, saves_output
@@ -246,6 +247,74 @@ def _weight_reduce(partial, chunks, geom, mr, nr, grad_weight):
                 grad_weight[row + ci * kernel_area + tap] = total
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _depthwise_weight_chunk(chunk, x, grad, partial, geom):
+    """Depthwise layers (one input channel per group, output channel co reading input channel
+    co // mult): ``partial[chunk]`` (taps, c_out) flat = the sum over the chunk's output pixels
+    of grad times each tap's input. x and grad: NHWC-contiguous, flat; a vector loop along the
+    channels per tap, where the GEMM's tiles would be one channel wide."""
+    h, w, h_out, w_out = geom[W_H], geom[W_W], geom[W_HO], geom[W_WO]
+    groups, cg_out = geom[W_GROUPS], geom[W_CG_OUT]
+    sh, sw, ph, pw = geom[W_SH], geom[W_SW], geom[W_PH], geom[W_PW]
+    dh, dw, kh, kw = geom[W_DH], geom[W_DW], geom[W_KH], geom[W_KW]
+    c_in, c_out = groups, groups * cg_out
+    chunk_pixels, batch = geom[W_CHUNK], geom[W_BATCH]
+    acc = partial[chunk * kh * kw * c_out:(chunk + 1) * kh * kw * c_out]
+    acc[:] = 0
+    plane = h_out * w_out
+    for p in range(chunk * chunk_pixels, min((chunk + 1) * chunk_pixels, batch * plane)):
+        n = p // plane
+        oh = (p - n * plane) // w_out
+        ow = p - n * plane - oh * w_out
+        g = grad[p * c_out:(p + 1) * c_out]
+        for i in range(kh):
+            ih = oh * sh - ph + i * dh
+            if ih < 0 or ih >= h:
+                continue
+            for j in range(kw):
+                iw = ow * sw - pw + j * dw
+                if iw < 0 or iw >= w:
+                    continue
+                xs = ((n * h + ih) * w + iw) * c_in
+                a = acc[(i * kw + j) * c_out:(i * kw + j + 1) * c_out]
+                if cg_out == 1:
+                    xv = x[xs:xs + c_in]
+                    for co in range(c_out):
+                        a[co] += g[co] * xv[co]
+                else:
+                    for co in range(c_out):
+                        a[co] += g[co] * x[xs + co // cg_out]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _depthwise_weight_parallel(chunks, x, grad, partial, geom):
+    for chunk in prange(chunks):
+        _depthwise_weight_chunk(np.int64(chunk), x, grad, partial, geom)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _depthwise_weight_serial(chunks, x, grad, partial, geom):
+    for chunk in range(chunks):
+        _depthwise_weight_chunk(chunk, x, grad, partial, geom)
+
+
+def _backward_weight_depthwise(grad_pre, x, grad_weight, geom, chunks):
+    """conv2d_backward_weight of a depthwise layer: NHWC copies where the tensors are not, each
+    chunk's tap-major partial, the partials added in chunk order."""
+    c_out, _, kh_size, kw_size = grad_weight.shape
+    xn = _flat(x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1))
+    gn = _flat(grad_pre.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1))
+    taps = kh_size * kw_size
+    partial = np.empty(chunks * taps * c_out, dtype=_NUMPY_DTYPE[x.dtype])
+    fmas = grad_pre.numel() * taps
+    if chunks > 1 and fmas >= _PARALLEL_MIN_FMAS and _runtime.threads() > 1:
+        _depthwise_weight_parallel(chunks, xn, gn, partial, geom)
+    else:
+        _depthwise_weight_serial(chunks, xn, gn, partial, geom)
+    total = partial.reshape(chunks, taps, c_out).sum(axis=0)  # numpy adds in chunk order
+    grad_weight.copy_(torch.from_numpy(np.ascontiguousarray(total.T)).view(grad_weight.shape))
+
+
 def _backward_weight_direct(grad_pre, x, grad_weight, geom, chunks, mr, nr, lanes):
     """conv2d_backward_weight through _weight_chunk_direct: x copied once into a zero-padded
     NHWC tensor and grad_pre read as NHWC (copied if it is not), so that no patch is gathered
@@ -292,6 +361,9 @@ def conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, 
     geom = np.array([*strides(x), *x.shape[2:], *strides(grad_pre), h_out, w_out, cg_in, groups,
                      cg_out, *stride, *padding, *dilation, kh_size, kw_size, chunk_pixels, batch],
                     dtype=np.int64)
+    if cg_in == 1 and groups > 1:
+        _backward_weight_depthwise(grad_pre, x, grad_weight, geom, chunks)
+        return
     if cg_out >= lanes:
         mr = _simd_conv.offsets_tile(_NUMPY_DTYPE[x.dtype], rows_apart=True)[0]
         _backward_weight_direct(grad_pre, x, grad_weight, geom, chunks, mr, nr, lanes)
