@@ -97,6 +97,9 @@ TRANSPOSED_LAYERS = [
     Layer(1, 8, 6, (5, 6), (3, 3), (2, 3), (2, 1), (3, 2), 2, extra=(2, 1)),
     Layer(2, 4, 4, (5, 5), (1, 1), (3, 3), groups=2, extra=(4, 3)),
     Layer(2, 1, 1, (1, 1), (3, 3), (2, 2), (1, 1)),  # 1 channel, 1 x 1 planes
+    # 1 x 1 inputs onto exactly the kernel (a generator's z -> 4 x 4): one GEMM
+    Layer(3, 7, 5, (1, 1), (4, 3)),
+    Layer(2, 6, 4, (1, 1), (4, 4), (2, 2)),
 ]
 
 

@@ -21,7 +21,13 @@ from brainkern.kernels.numba import _conv_backward, _conv_direct, _runtime, _sim
 from brainkern.kernels.numba import _conv_gemm as gemm
 from brainkern.kernels.numba._conv_pad import padded
 from brainkern.kernels.numba._simd_conv import offsets_tile
-from brainkern.kernels.numba.linear import _NUMPY_DTYPE, _PARALLEL_MIN_FMAS, _cdiv, _flat
+from brainkern.kernels.numba.linear import (
+    _NUMPY_DTYPE,
+    _PARALLEL_MIN_FMAS,
+    _cdiv,
+    _flat,
+    linear_forward,
+)
 
 DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64)
@@ -172,6 +178,26 @@ def _phase_taps(phase, pad, dilation, stride, size):
             if (phase + pad - k * dilation) % stride == 0]
 
 
+def _projection(x, weight, bias, out, pre, act_code, act_param):
+    """A transposed convolution of 1x1 inputs onto exactly its kernel (a generator's z -> 4x4
+    layer) is one GEMM, ``out[n, (co, i, j)] = x[n, :] @ weight[:, (co, i, j)]``, through
+    linear.py: the phase passes would compute every tap for every output pixel, all but one
+    reading padding (16x the multiply-adds for a 4x4 kernel)."""
+    batch, c_x = x.shape[:2]
+    c_out, area = out.shape[1], out.shape[2] * out.shape[3]
+    a = x.reshape(batch, c_x)
+    w_t = weight.reshape(c_x, c_out * area).t()  # (c_out * area, c_x), strided: no copy
+    b = None if bias is None else bias.repeat_interleave(area)
+    nchw = out.is_contiguous()  # else channels_last: the GEMM's rows are (co, i, j), not NHWC
+    dst = out.view(batch, -1) if nchw else torch.empty(batch, c_out * area, dtype=out.dtype)
+    dst_pre = None if pre is None else (pre.view(batch, -1) if nchw else torch.empty_like(dst))
+    linear_forward(a, w_t, b, dst, dst_pre, act_code, act_param)
+    if not nchw:
+        out.copy_(dst.view(out.shape))
+        if pre is not None:
+            pre.copy_(dst_pre.view(out.shape))
+
+
 def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
                              act_code, act_param):
     """``out = act(conv_transpose2d(x, weight) + bias)``, ``pre`` before act."""
@@ -181,6 +207,10 @@ def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilatio
     _, cg_out, kh_size, kw_size = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     h_out, w_out = out.shape[2:]
+    if (groups == 1 and tuple(x.shape[2:]) == (1, 1) and (h_out, w_out) == (kh_size, kw_size)
+            and (ph, pw) == (0, 0) and (dh, dw) == (1, 1)):
+        _projection(x, weight, bias, out, pre, act_code, act_param)
+        return
     cg_in = c_x // groups
     kernel_area = kh_size * kw_size
     geom = _geometry(x, out, cg_in, groups, cg_out,
