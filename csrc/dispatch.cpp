@@ -297,6 +297,7 @@ double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds) {
   return total / elapsed / 1e9;
 }
 
+#include "conv_helpers.inc"
 #include "conv_dispatch.inc"
 #include "conv_backward_dispatch.inc"
 #include "conv_block_dispatch.inc"
