@@ -391,6 +391,33 @@ def test_generator_layers_on_small_images(fmt, hw):
     assert all(torch.equal(a, c) for run in outs[1:] for a, c in zip(run, outs[0]))
 
 
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_weight_too_large_to_pack_once(fmt):
+    """A weight of over a million floats is packed by each chunk instead of once per call (its
+    copy would be page-faulted in on every call): forward, transposed and the fused block."""
+    built()
+    x = torch.randn(2, 128, 5, 4).contiguous(memory_format=fmt)
+    w = torch.randn(1040, 128, 3, 3)  # 1040 x 1152 floats
+    b = torch.randn(1040)
+    params = ((1, 1), (1, 1), (1, 1), 1)
+    out = poisoned_like((2, 1040, 5, 4), fmt)
+    call("conv2d_forward", x, w, b, out, None, *params, A.NONE, 0.0)
+    z = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert_close(out, z, torch.float32, scale=F.conv2d(x.double().abs(), w.double().abs(),
+                                                       b.double().abs(), padding=1))
+    grad = torch.randn(2, 1040, 5, 4).contiguous(memory_format=fmt)
+    dx = poisoned_like(x.shape, fmt)
+    call("conv_transpose2d_forward", grad, w, None, dx, None, *params, A.NONE, 0.0)
+    ref = F.conv_transpose2d(grad.double(), w.double(), padding=1)
+    assert_close(dx, ref, torch.float32, scale=F.conv_transpose2d(
+        grad.double().abs(), w.double().abs(), padding=1))
+    pooled = poisoned_like((2, 1040, 2, 2), fmt)
+    indices = torch.empty(pooled.shape, dtype=torch.int64).contiguous(memory_format=fmt)
+    call("conv2d_maxpool2d_forward", x, w, b, pooled, indices, None, (5, 4), *params, A.RELU,
+         0.0)
+    assert_close(pooled, F.max_pool2d(z.relu(), 2), torch.float32)
+
+
 def test_large_conv_buffers_are_released():
     """A layer whose weight-gradient parts (8 x 256 x 2304 floats, 18 MB) exceed the 4 MB a
     buffer may keep leaves this thread holding no more than a small layer would."""
