@@ -144,6 +144,72 @@ def bench_models(results: list[Result]) -> None:
                            for name, s in time_impls(impls, min_seconds=1.0, rounds=5).items())
 
 
+def bench_kernels(cases, results: list[Result]) -> None:
+    """Each CPU backend's conv kernels timed alone, on tensors made once (no autograd, no
+    allocation in the loop): the forward with bias and ReLU, the activation backward, the input
+    gradient and the weight gradient, beside torch's ``aten.convolution`` and
+    ``aten.convolution_backward`` (its three gradients in one call). Where a layer's
+    forward+backward falls behind, this says which kernel it is."""
+    from brainkern import activations, backends
+    from brainkern.ops._conv_geometry import conv2d_geometry, conv_transpose2d_geometry
+
+    relu = activations.resolve("relu")
+    for case in cases:
+        x = torch.randn(case.batch, case.c_in, case.hw, case.hw)
+        shape = (case.c_in, case.c_out // case.groups) if case.transposed else (
+            case.c_out, case.c_in // case.groups)
+        w = torch.randn(*shape, case.kernel, case.kernel) * 0.05
+        b = torch.randn(case.c_out)
+        if case.transposed:
+            geometry = conv_transpose2d_geometry(x, w, b, case.stride, case.padding, 0,
+                                                 case.groups, 1)
+        else:
+            geometry = conv2d_geometry(x, w, b, case.stride, case.padding, 1, case.groups)
+        flops = case.forward_flops()
+        args = geometry.kernel_args
+        for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", CL)):
+            xf = x.contiguous(memory_format=fmt)
+            wt = w.contiguous(memory_format=fmt) if layout == "channels_last" else w
+            out = torch.empty((case.batch, case.c_out, *geometry.out_hw), memory_format=fmt)
+            grad = torch.randn_like(out)
+            stride, padding = [case.stride] * 2, [case.padding] * 2
+            aten = (torch.ops.aten.convolution, torch.ops.aten.convolution_backward)
+            impls = {"torch aten fwd": functools.partial(
+                aten[0], xf, wt, b, stride, padding, [1, 1], case.transposed, [0, 0], case.groups)}
+            impls["torch aten bwd (x, w, b)"] = functools.partial(
+                aten[1], grad, xf, wt, [case.c_out], stride, padding, [1, 1], case.transposed,
+                [0, 0], case.groups, [True, True, True])
+            for backend in cpu_backends():
+                kern = backends.kernels(backend, "conv")
+                forward = (kern.conv_transpose2d_forward if case.transposed
+                           else kern.conv2d_forward)
+                adjoint = (kern.conv2d_forward if case.transposed
+                           else kern.conv_transpose2d_forward)
+                grad_pre, grad_b, grad_x = (torch.empty_like(out), torch.empty(case.c_out),
+                                            torch.empty_like(xf))
+                grad_w = torch.empty_like(w)
+                forward(xf, w, b, out, None, *args, relu.code, relu.param)
+                weight_grad = ((kern.conv2d_backward_weight, xf, grad_pre) if case.transposed
+                               else (kern.conv2d_backward_weight, grad_pre, xf))
+                impls[f"{backend} fwd"] = functools.partial(
+                    forward, xf, w, b, out, None, *args, relu.code, relu.param)
+                impls[f"{backend} act bwd (no FLOPs)"] = functools.partial(
+                    kern.conv2d_activation_backward, grad, out, grad_pre, grad_b, relu.code,
+                    relu.param, True)
+                impls[f"{backend} dx"] = functools.partial(
+                    adjoint, grad_pre, w, None, grad_x, None, *args, activations.NONE, 0.0)
+                impls[f"{backend} dw"] = functools.partial(
+                    weight_grad[0], *weight_grad[1:], grad_w, *args)
+            timed = time_impls({k: Impl(v) for k, v in impls.items()}, min_seconds=0.3,
+                               rounds=5)
+            for name, seconds in timed.items():
+                work = flops * (2 if name.startswith("torch aten bwd") else 1)
+                if name.endswith("(no FLOPs)"):
+                    work = 0.0
+                results.append(Result(f"{case.label} b{case.batch} {layout} kernels",
+                                      name, work, seconds))
+
+
 def bench_blocks(results: list[Result]) -> None:
     """The CNN's blocks, Conv2d + ReLU + MaxPool2d(2): torch eager, brainkern's two layers
     (``unfused``) and the one op ``brainkern.accelerate`` makes of them (``fused``)."""
@@ -220,6 +286,8 @@ def run_conv(threads: int = 2, compile: bool = False, command: str = "brainkern 
                 bench_models(results)
             elif group == "block":
                 bench_blocks(results)
+            elif group == "kernels":
+                bench_kernels([*CNN_CASES, *RESNET_CASES, *DCGAN_CASES], results)
             else:
                 bench_convs(chosen[group], results, compile)
         return header(threads, peak, command) + "\n\n" + format_table(results, peak)

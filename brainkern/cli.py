@@ -141,8 +141,9 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--threads", type=int, default=2)
     bench_parser.add_argument("--groups", nargs="+",
                               default=["cnn", "resnet", "dcgan", "models", "block"],
-                              choices=["cnn", "resnet", "dcgan", "models", "block"],
-                              help="conv: which layer groups to time")
+                              choices=["cnn", "resnet", "dcgan", "models", "block", "kernels"],
+                              help="conv: which layer groups to time (kernels: each kernel "
+                                   "alone, beside aten's convolution and its backward)")
     bench_parser.add_argument("--compile", action="store_true",
                               help="conv: also time torch.compile of each torch layer")
     bench_parser.add_argument("--out", help="also write the markdown table to this file")

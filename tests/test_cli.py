@@ -66,6 +66,12 @@ def test_bench_conv_and_pool_print_tables(monkeypatch, capsys):
     for backend in bench.cpu_backends():
         assert f"| {backend} fused channels_last |" in text
         assert f"| {backend} unfused NCHW |" in text
+    assert cli.main(["bench", "conv", "--groups", "kernels"]) == 0
+    text = capsys.readouterr().out
+    assert "| cnn tiny conv b2 channels_last kernels | torch aten bwd (x, w, b) |" in text
+    for backend in bench.cpu_backends():
+        for kernel in ("fwd", "act bwd (no FLOPs)", "dx", "dw"):
+            assert f"| tiny up b2 NCHW kernels | {backend} {kernel} |" in text
     assert cli.main(["bench", "pool"]) == 0
     text = capsys.readouterr().out
     assert "max 2x2 (2, 3, 8, 8) fwd+bwd" in text and "GB/s" in text
