@@ -57,6 +57,94 @@ def gemm_tile(dtype) -> tuple[int, int, int]:
     return mr, 2 * lanes, lanes
 
 
+class TileIR:
+    """LLVM IR for an ``mr x nvec``-vector register tile of ``dtype``, shared by the
+    micro-kernels here and in _simd_conv.py: the vector types, ``llvm.fma`` on vectors, the
+    initial tile, the k loop with its accumulators as SSA values (loop phis, so that they live
+    in registers, never a stack array) and the final stores."""
+
+    def __init__(self, context, builder, dtype, mr, nvec, lanes):
+        self.builder, self.mr, self.nvec, self.lanes = builder, mr, nvec, lanes
+        self.int64 = ir.IntType(64)
+        self.vector = ir.VectorType(context.get_value_type(dtype), lanes)
+        self.vptr = self.vector.as_pointer()
+        # Tile rows and input rows are only element-aligned.
+        self.itemsize = np.dtype(as_dtype(dtype)).itemsize
+        # llvmlite's IRBuilder.fma takes scalars only; declare the vector overload ourselves.
+        self.fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vector, [self.vector] * 3),
+            f"llvm.fma.v{lanes}f{8 * self.itemsize}")
+
+    def load_vector(self, pointer):
+        return self.builder.load(self.builder.bitcast(pointer, self.vptr), align=self.itemsize)
+
+    def row_pointer(self, base, ld, r, v):
+        """Vector v of tile row r, the rows ``ld`` elements apart from ``base``."""
+        b = self.builder
+        offset = b.add(b.mul(ld, self.int64(r)), self.int64(v * self.lanes))
+        return b.bitcast(b.gep(base, [offset]), self.vptr)
+
+    def initial(self, load, pointer):
+        """The accumulators before the first step: the tile at ``pointer(r, v)`` when the i1
+        ``load`` is true, else zeros, merged by phis."""
+        b, mr, nvec = self.builder, self.mr, self.nvec
+        entry = b.block
+        with b.if_then(load):
+            loaded = [[b.load(pointer(r, v), align=self.itemsize) for v in range(nvec)]
+                      for r in range(mr)]
+            load_block = b.block
+        init = [[b.phi(self.vector) for _ in range(nvec)] for _ in range(mr)]
+        for r in range(mr):
+            for v in range(nvec):
+                init[r][v].add_incoming(ir.Constant(self.vector, None), entry)
+                init[r][v].add_incoming(loaded[r][v], load_block)
+        return init
+
+    def k_loop(self, init, steps, step, name):
+        """``acc[r][v] += a_r * b_v`` for k in [0, steps), from ``init``; ``step(k)`` emits the
+        loads of step k and returns (mr scalars of A, nvec vectors of B). Returns the final
+        accumulators."""
+        b, mr, nvec, int64 = self.builder, self.mr, self.nvec, self.int64
+        start = b.block
+        loop = b.append_basic_block(f"{name}.loop")
+        done = b.append_basic_block(f"{name}.done")
+        b.cbranch(b.icmp_signed(">", steps, int64(0)), loop, done)
+
+        b.position_at_end(loop)
+        k = b.phi(int64)
+        k.add_incoming(int64(0), start)
+        acc = [[b.phi(self.vector) for _ in range(nvec)] for _ in range(mr)]
+        a_values, b_vectors = step(k)
+        undef = ir.Constant(self.vector, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes)
+        new = []
+        for r in range(mr):
+            a_vec = b.shuffle_vector(b.insert_element(undef, a_values[r], ir.IntType(32)(0)),
+                                     undef, splat)
+            new.append([b.call(self.fma, [a_vec, b_vectors[v], acc[r][v]])
+                        for v in range(nvec)])
+        k_next = b.add(k, int64(1))
+        k.add_incoming(k_next, loop)
+        for r in range(mr):
+            for v in range(nvec):
+                acc[r][v].add_incoming(init[r][v], start)
+                acc[r][v].add_incoming(new[r][v], loop)
+        b.cbranch(b.icmp_signed("<", k_next, steps), loop, done)
+
+        b.position_at_end(done)
+        result = [[b.phi(self.vector) for _ in range(nvec)] for _ in range(mr)]
+        for r in range(mr):
+            for v in range(nvec):
+                result[r][v].add_incoming(init[r][v], start)
+                result[r][v].add_incoming(new[r][v], loop)
+        return result
+
+    def store(self, tile, pointer):
+        for r in range(self.mr):
+            for v in range(self.nvec):
+                self.builder.store(tile[r][v], pointer(r, v), align=self.itemsize)
+
+
 @intrinsic
 def microkernel(typingctx, a_pack, a_start, b_pack, b_start, kc, src, src_start, src_ld, load,
                 dst, dst_start, dst_ld):
@@ -89,17 +177,7 @@ def microkernel(typingctx, a_pack, a_start, b_pack, b_start, kc, src, src_start,
     nvec = nr // lanes
 
     def codegen(context, builder, sig, args):
-        int64 = ir.IntType(64)
-        scalar = context.get_value_type(dtype)
-        vector = ir.VectorType(scalar, lanes)
-        vptr = vector.as_pointer()
-        itemsize = np.dtype(as_dtype(dtype)).itemsize  # C rows are only element-aligned
-        # llvmlite's IRBuilder.fma takes scalars only; declare the vector overload ourselves.
-        fma = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vector, [vector] * 3),
-            f"llvm.fma.v{lanes}f{8 * itemsize}",
-        )
+        t = TileIR(context, builder, dtype, mr, nvec, lanes)
 
         def arg_int(index):
             return context.cast(builder, args[index], sig.args[index], types.int64)
@@ -109,70 +187,20 @@ def microkernel(typingctx, a_pack, a_start, b_pack, b_start, kc, src, src_start,
             return builder.gep(data, [arg_int(start_index)])
 
         a_base, b_base = pointer(0, 1), pointer(2, 3)
-        steps = arg_int(4)
+        src_base, src_ld = pointer(5, 6), arg_int(7)
+        init = t.initial(args[8], lambda r, v: t.row_pointer(src_base, src_ld, r, v))
 
-        def tile_row(base, ld, r, v):
-            offset = builder.add(builder.mul(ld, int64(r)), int64(v * lanes))
-            return builder.bitcast(builder.gep(base, [offset]), vptr)
+        def step(k):
+            b_row = builder.gep(b_base, [builder.mul(k, t.int64(nr))])
+            a_col = builder.gep(a_base, [builder.mul(k, t.int64(mr))])
+            return ([builder.load(builder.gep(a_col, [t.int64(r)]), align=t.itemsize)
+                     for r in range(mr)],
+                    [t.load_vector(builder.gep(b_row, [t.int64(v * lanes)]))
+                     for v in range(nvec)])
 
-        # Initial accumulators: loaded from src or zeros, merged by phis so that they stay SSA
-        # values (registers), never a stack array.
-        zero = ir.Constant(vector, None)
-        init = [[zero] * nvec for _ in range(mr)]
-        entry = builder.block
-        with builder.if_then(args[8]):
-            src_base, src_ld = pointer(5, 6), arg_int(7)
-            loaded = [[builder.load(tile_row(src_base, src_ld, r, v), align=itemsize)
-                       for v in range(nvec)] for r in range(mr)]
-            load_block = builder.block
-        start = builder.block
-        phis = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
-        for r in range(mr):
-            for v in range(nvec):
-                phis[r][v].add_incoming(init[r][v], entry)
-                phis[r][v].add_incoming(loaded[r][v], load_block)
-        init = phis
-
-        loop = builder.append_basic_block("microkernel.loop")
-        done = builder.append_basic_block("microkernel.done")
-        builder.cbranch(builder.icmp_signed(">", steps, int64(0)), loop, done)
-
-        builder.position_at_end(loop)
-        k = builder.phi(int64)
-        k.add_incoming(int64(0), start)
-        acc = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
-        b_row = builder.gep(b_base, [builder.mul(k, int64(nr))])
-        b_vecs = [
-            builder.load(builder.bitcast(builder.gep(b_row, [int64(v * lanes)]), vptr),
-                         align=itemsize)
-            for v in range(nvec)
-        ]
-        a_col = builder.gep(a_base, [builder.mul(k, int64(mr))])
-        undef = ir.Constant(vector, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        new = []
-        for r in range(mr):
-            a_r = builder.load(builder.gep(a_col, [int64(r)]), align=itemsize)
-            a_vec = builder.shuffle_vector(
-                builder.insert_element(undef, a_r, ir.IntType(32)(0)), undef, splat
-            )
-            new.append([builder.call(fma, [a_vec, b_vecs[v], acc[r][v]]) for v in range(nvec)])
-        k_next = builder.add(k, int64(1))
-        k.add_incoming(k_next, loop)
-        for r in range(mr):
-            for v in range(nvec):
-                acc[r][v].add_incoming(init[r][v], start)
-                acc[r][v].add_incoming(new[r][v], loop)
-        builder.cbranch(builder.icmp_signed("<", k_next, steps), loop, done)
-
-        builder.position_at_end(done)
-        result = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
+        result = t.k_loop(init, arg_int(4), step, "microkernel")
         dst_base, dst_ld = pointer(9, 10), arg_int(11)
-        for r in range(mr):
-            for v in range(nvec):
-                result[r][v].add_incoming(init[r][v], start)
-                result[r][v].add_incoming(new[r][v], loop)
-                builder.store(result[r][v], tile_row(dst_base, dst_ld, r, v), align=itemsize)
+        t.store(result, lambda r, v: t.row_pointer(dst_base, dst_ld, r, v))
         return context.get_dummy_value()
 
     signature = types.void(a_pack, a_start, b_pack, b_start, kc, src, src_start, src_ld, load,

@@ -11,20 +11,17 @@ it lies, and a packed panel is the special case ``base[r] = start + r``, ``offse
 As for _simd.py, Numba's cache does not key on this module's source: after editing it, delete
 the ``__pycache__/*.nb[ic]`` files of the modules that call it.
 
-The code is the same LLVM vector code as ``_simd.microkernel`` (accumulators as SSA values,
-``llvm.fma`` on ``<lanes x float>``), with the tile of :func:`offsets_tile`.
+The code is ``_simd.microkernel``'s LLVM vector code (``_simd.TileIR``: accumulators as SSA
+values, ``llvm.fma`` on ``<lanes x float>``) with other loads, on the tile of :func:`offsets_tile`.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import as_dtype
 
-from brainkern.kernels.numba._simd import gemm_tile, vector_registers
+from brainkern.kernels.numba._simd import TileIR, gemm_tile, vector_registers
 
 
 def offsets_tile(dtype, rows_apart: bool, single_row: bool = False) -> tuple[int, int, int]:
@@ -91,16 +88,8 @@ def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, 
     nvec = nr // lanes
 
     def codegen(context, builder, sig, args):
-        int64 = ir.IntType(64)
-        scalar = context.get_value_type(dtype)
-        vector = ir.VectorType(scalar, lanes)
-        vptr = vector.as_pointer()
-        itemsize = np.dtype(as_dtype(dtype)).itemsize  # input rows are only element-aligned
-        fma = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vector, [vector] * 3),
-            f"llvm.fma.v{lanes}f{8 * itemsize}",
-        )
+        t = TileIR(context, builder, dtype, mr, nvec, lanes)
+        int64 = t.int64
 
         def data(index):
             return context.make_array(sig.args[index])(context, builder, args[index]).data
@@ -118,63 +107,22 @@ def _typed(rows_apart, single_row, a, a_base, a_off, b, b_base, b_off, kc, dst, 
             a_rows = [builder.gep(a_row0, [int64(r)]) for r in range(mr)]
         b_vecs = [builder.gep(b_data, [builder.load(builder.gep(b_base, [int64(v)]))])
                   for v in range(nvec)]
-        steps = arg_int(6)
         dst_base = builder.gep(data(7), [arg_int(8)])
         dst_ld = arg_int(9)
 
         def tile_row(r, v):
-            offset = builder.add(builder.mul(dst_ld, int64(r)), int64(v * lanes))
-            return builder.bitcast(builder.gep(dst_base, [offset]), vptr)
+            return t.row_pointer(dst_base, dst_ld, r, v)
 
-        # Initial accumulators, loaded or zeros, merged by phis so that they stay SSA values.
-        zero = ir.Constant(vector, None)
-        entry = builder.block
-        with builder.if_then(args[10]):
-            loaded = [[builder.load(tile_row(r, v), align=itemsize) for v in range(nvec)]
-                      for r in range(mr)]
-            load_block = builder.block
-        start = builder.block
-        init = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
-        for r in range(mr):
-            for v in range(nvec):
-                init[r][v].add_incoming(zero, entry)
-                init[r][v].add_incoming(loaded[r][v], load_block)
-        loop = builder.append_basic_block("microkernel_offsets.loop")
-        done = builder.append_basic_block("microkernel_offsets.done")
-        builder.cbranch(builder.icmp_signed(">", steps, int64(0)), loop, done)
+        init = t.initial(args[10], tile_row)
 
-        builder.position_at_end(loop)
-        k = builder.phi(int64)
-        k.add_incoming(int64(0), start)
-        acc = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
-        a_k = builder.load(builder.gep(a_off, [k]))
-        b_k = builder.load(builder.gep(b_off, [k]))
-        b_row = [builder.load(builder.bitcast(builder.gep(b_vecs[v], [b_k]), vptr),
-                              align=itemsize) for v in range(nvec)]
-        undef = ir.Constant(vector, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        new = []
-        for r in range(mr):
-            a_r = builder.load(builder.gep(a_rows[r], [a_k]), align=itemsize)
-            a_vec = builder.shuffle_vector(
-                builder.insert_element(undef, a_r, ir.IntType(32)(0)), undef, splat
-            )
-            new.append([builder.call(fma, [a_vec, b_row[v], acc[r][v]]) for v in range(nvec)])
-        k_next = builder.add(k, int64(1))
-        k.add_incoming(k_next, loop)
-        for r in range(mr):
-            for v in range(nvec):
-                acc[r][v].add_incoming(init[r][v], start)
-                acc[r][v].add_incoming(new[r][v], loop)
-        builder.cbranch(builder.icmp_signed("<", k_next, steps), loop, done)
+        def step(k):
+            a_k = builder.load(builder.gep(a_off, [k]))
+            b_k = builder.load(builder.gep(b_off, [k]))
+            return ([builder.load(builder.gep(a_rows[r], [a_k]), align=t.itemsize)
+                     for r in range(mr)],
+                    [t.load_vector(builder.gep(b_vecs[v], [b_k])) for v in range(nvec)])
 
-        builder.position_at_end(done)
-        result = [[builder.phi(vector) for _ in range(nvec)] for _ in range(mr)]
-        for r in range(mr):
-            for v in range(nvec):
-                result[r][v].add_incoming(init[r][v], start)
-                result[r][v].add_incoming(new[r][v], loop)
-                builder.store(result[r][v], tile_row(r, v), align=itemsize)
+        t.store(t.k_loop(init, arg_int(6), step, "microkernel_offsets"), tile_row)
         return context.get_dummy_value()
 
     signature = types.void(a, a_base, a_off, b, b_base, b_off, kc, dst, dst_start, dst_ld, load)
