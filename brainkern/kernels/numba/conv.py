@@ -6,7 +6,8 @@ zero-padded copy of the input (_conv_pad.py) read in place by offset-addressed S
 is computed per output phase with only the taps that reach it (a gather, no scatter and no
 multiply-adds on inserted zeros). Depthwise layers (one input channel per group), where a GEMM
 tile would be mostly empty, run a direct kernel (_conv_direct.py).
-``conv2d_backward_weight`` and ``conv2d_activation_backward``: _conv_backward.py.
+``conv2d_backward_weight``: _conv_backward.py; ``conv2d_activation_backward``:
+_conv_activation.py.
 
 Every kernel has a serial twin for forked children and small problems (see linear.py and
 _runtime.py); a task split never changes a result, so outputs do not depend on the thread count.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from brainkern.kernels.numba import _conv_backward, _conv_direct, _runtime, _simd
+from brainkern.kernels.numba import _conv_activation, _conv_backward, _conv_direct, _runtime, _simd
 from brainkern.kernels.numba import _conv_gemm as gemm
 from brainkern.kernels.numba._conv_pad import padded
 from brainkern.kernels.numba._simd_conv import offsets_tile
@@ -234,4 +235,4 @@ def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilatio
 
 
 conv2d_backward_weight = _conv_backward.conv2d_backward_weight
-conv2d_activation_backward = _conv_backward.conv2d_activation_backward
+conv2d_activation_backward = _conv_activation.conv2d_activation_backward
