@@ -20,25 +20,6 @@ struct ConvGeometry {
   bool nhwc;
 };
 
-// 2x2 max pooling with stride 2 of a block of conv outputs y, for the fused conv block: pooled
-// pixel (a, b) of channel ch takes tap (u, v) in {0, 1}^2 from
-// y[(2a + u) * y_row + (2b + v) * y_pixel + ch * y_channel] (z, the pre-activation, alike)
-// for a < rows, b < cols, ch < channels, and writes at a * out_row + b * out_pixel +
-// ch * out_channel: out = the maximum (torch's rule: a tap replaces the best so far when
-// greater or NaN), indices = its flat tap (first_row + 2a + u) * conv_width + 2b + v, and, when
-// pre is not null, pre = z at that tap.
-struct PoolBlock {
-  const float* y;
-  const float* z;
-  int64_t y_row, y_pixel, y_channel;
-  float* out;
-  int64_t* indices;
-  float* pre;
-  int64_t out_row, out_pixel, out_channel;
-  int64_t rows, cols, channels;
-  int64_t first_row, conv_width;
-};
-
 // The pieces of the convolutions that run per ISA; the drivers (conv_dispatch.inc) cut the work
 // into chunks of output pixels and call these and the GEMM on them.
 struct ConvKernels {
@@ -78,7 +59,6 @@ struct ConvKernels {
                                    float* dx, int64_t n0, int64_t n1);
   void (*depthwise_backward_weight)(const ConvGeometry& c, const float* dz, const float* x,
                                     float* acc, int64_t n0, int64_t n1);
-  void (*max_pool_2x2)(const PoolBlock& p);
   // Direct stride-1 convolution of one image for thin NCHW layers (groups 1, a few input
   // channels), vectorised over the output pixels of a row: a reduction of kh * kw * c_in cannot
   // fill a GEMM's register tile, but each input vector feeds kDirectChannels output channels.

@@ -301,5 +301,6 @@ double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds) {
 #include "conv_dispatch.inc"
 #include "conv_backward_dispatch.inc"
 #include "conv_block_dispatch.inc"
+#include "pool_dispatch.inc"
 
 }  // namespace bk

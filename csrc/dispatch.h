@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "conv.h"
+#include "pool.h"
 
 namespace bk {
 
@@ -68,5 +69,21 @@ void conv2d_maxpool2d_forward(const IsaKernels& isa, const ConvGeometry& c, cons
 
 // FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
+
+// The pooling family's 2x2 windows of stride 2 (pool.h's Pool2x2 describes x and out), float32,
+// on up to `threads` threads. max: out = each window's maximum, indices (or null) its flat tap,
+// codes (or null) its place in the window (pool.h's PoolBlock).
+void max_pool2x2_forward(const IsaKernels& isa, const Pool2x2& s, const float* x, float* out,
+                         int64_t* indices, uint8_t* codes, int threads);
+// grad_x (x's shape) = grad_out at each window's index or, when indices is null, code; zero
+// elsewhere; written whole.
+void max_pool2x2_backward(const IsaKernels& isa, const Pool2x2& s, const float* grad_out,
+                          const int64_t* indices, const uint8_t* codes, float* grad_x,
+                          int threads);
+// out = each window's sum * scale; its adjoint, grad_x written whole.
+void avg_pool2x2_forward(const IsaKernels& isa, const Pool2x2& s, const float* x, float* out,
+                         float scale, int threads);
+void avg_pool2x2_backward(const IsaKernels& isa, const Pool2x2& s, const float* grad_out,
+                          float* grad_x, float scale, int threads);
 
 }  // namespace bk

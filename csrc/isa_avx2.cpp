@@ -5,10 +5,14 @@
 // broadcast of 16 ymm registers; 12 chains cover the 8 FMAs in flight (4-cycle latency x 2
 // pipes). Blocks as BLIS's Zen 3 config: the A block (144 x 256, 144 KB) stays in a 512 KB L2,
 // a B micro-panel (256 x 16, 16 KB) in a 32 KB L1.
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstdint>
 
 #include "common.h"
 #include "conv.h"
+#include "pool.h"
 
 namespace bk_avx2 {
 
@@ -25,5 +29,6 @@ constexpr const char* kName = "avx2";
 #include "act_backward.inc"
 #include "gemm.inc"
 #include "conv.inc"
+#include "pool.inc"
 
 }  // namespace bk_avx2

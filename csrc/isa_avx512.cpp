@@ -4,10 +4,14 @@
 // Tile 12 x 32 (12 rows x 2 zmm): 24 accumulators + 2 B vectors + 1 broadcast of 32 zmm
 // registers; 24 chains cover the 8 FMAs in flight (4-cycle latency x 2 pipes) three times over.
 // isa_portable.cpp uses this same geometry, so this tile logic is tested on any x86-64 machine.
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstdint>
 
 #include "common.h"
 #include "conv.h"
+#include "pool.h"
 
 namespace bk_avx512 {
 
@@ -24,5 +28,6 @@ constexpr const char* kName = "avx512";
 #include "act_backward.inc"
 #include "gemm.inc"
 #include "conv.inc"
+#include "pool.inc"
 
 }  // namespace bk_avx512

@@ -4,10 +4,12 @@
 // 64-byte vector to four xmm operations, and the accumulators spill, so this is a slow
 // fallback, but it runs exactly the tile, packing and edge logic of isa_avx512.cpp, which
 // therefore gets tested on machines without AVX-512.
+#include <algorithm>
 #include <cstdint>
 
 #include "common.h"
 #include "conv.h"
+#include "pool.h"
 
 namespace bk_portable {
 
@@ -27,5 +29,6 @@ constexpr const char* kName = "portable";
 #include "act_backward.inc"
 #include "gemm.inc"
 #include "conv.inc"
+#include "pool.inc"
 
 }  // namespace bk_portable

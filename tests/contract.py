@@ -179,10 +179,10 @@ def randn_in(shape, backend, dtype, fmt=torch.contiguous_format):
 
 
 def poisoned_in(shape, like, fmt=torch.contiguous_format, dtype=None):
-    """A NaN-poisoned output (int64: -1) on like's device, of like's dtype unless given, dense in
-    ``fmt``."""
+    """A NaN-poisoned output (int64: -1, uint8: 255) on like's device, of like's dtype unless
+    given, dense in ``fmt``."""
     dtype = dtype or like.dtype
-    fill = -1 if dtype == torch.int64 else float("nan")
+    fill = {torch.int64: -1, torch.uint8: 255}.get(dtype, float("nan"))
     return torch.full(shape, fill, dtype=dtype, device=like.device).contiguous(memory_format=fmt)
 
 
@@ -277,9 +277,27 @@ def check_max_pool(kern, x, case):
     assert torch.equal(indices.cpu(), ref_indices), case
     grad_out = randn_from(ref.shape, "cpu", x.dtype, fmt).to(x.device)
     grad_x = poisoned_in(x.shape, x, fmt)
-    kern.max_pool2d_backward(grad_out, indices, grad_x)
-    check(grad_x, grad_of(lambda t: pool(t)[0], x, grad_out), x.dtype, f"grad_x {case}")
+    kern.max_pool2d_backward(grad_out, indices, grad_x, kernel, stride, padding, dilation)
+    expected = grad_of(lambda t: pool(t)[0], x, grad_out)
+    check(grad_x, expected, x.dtype, f"grad_x {case}")
+    if getattr(kern, "WINDOW_CODES", False):  # uint8 window codes, and the backward from them
+        codes = poisoned_in(ref.shape, x, fmt, torch.uint8)
+        kern.max_pool2d_forward(x, out, codes, kernel, stride, padding, dilation)
+        assert torch.equal(codes.cpu(), window_codes(ref_indices, x.shape[-1], case)), case
+        grad_x = poisoned_in(x.shape, x, fmt)
+        kern.max_pool2d_backward(grad_out, codes, grad_x, kernel, stride, padding, dilation)
+        check(grad_x, expected, x.dtype, f"grad_x from codes {case}")
     return out, indices
+
+
+def window_codes(indices, width, case):
+    """torch's flat indices as window codes: the tap's place ``i * kW + j`` in its window."""
+    kernel, stride, padding, dilation, _ = case
+    oh = torch.arange(indices.shape[-2]).view(-1, 1)
+    ow = torch.arange(indices.shape[-1])
+    i = (indices // width - (oh * stride[0] - padding[0])) // dilation[0]
+    j = (indices % width - (ow * stride[1] - padding[1])) // dilation[1]
+    return (i * kernel[1] + j).to(torch.uint8)
 
 
 def avg_reference(kernel, stride, padding, ceil, include_pad, divisor):

@@ -169,7 +169,7 @@ def test_batch_zero(backend, dtype):
         indices = poisoned_in((0, 3, 4, 3), x, fmt, torch.int64)
         grad_x = poisoned_in(x.shape, x, fmt)
         kern.max_pool2d_forward(x, out, indices, (2, 2), (2, 2), (0, 0), (1, 1))
-        kern.max_pool2d_backward(out, indices, grad_x)
+        kern.max_pool2d_backward(out, indices, grad_x, (2, 2), (2, 2), (0, 0), (1, 1))
         kern.avg_pool2d_forward(x, out, (2, 2), (2, 2), (0, 0), True, 0)
         kern.avg_pool2d_backward(out, grad_x, (2, 2), (2, 2), (0, 0), True, 0)
         kern.adaptive_avg_pool2d_forward(x, out)

@@ -63,7 +63,7 @@ def test_backward_is_deterministic_across_thread_counts(dtype, fmt):
         for count in (1, 2, 2):
             torch.set_num_threads(count)
             grads = (torch.empty_like(x), torch.empty_like(x))
-            numba_pool.max_pool2d_backward(grad_out, indices, grads[0])
+            numba_pool.max_pool2d_backward(grad_out, indices, grads[0], *case)
             numba_pool.avg_pool2d_backward(grad_out, grads[1], *case[:3], False, 0)
             results.append(grads)
     finally:

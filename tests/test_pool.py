@@ -3,6 +3,7 @@ on every backend with pool kernels: outputs, indices, gradients, layouts, shapes
 (The kernels' own parameter grid is in test_kernels_pool.py.)"""
 
 import functools
+import importlib
 import importlib.util
 
 import pytest
@@ -75,6 +76,29 @@ def test_max_pool_indices_nan_and_unpool(backend):
         assert torch.equal(out.nan_to_num(), ref.nan_to_num())
     assert torch.equal(F.max_unpool2d(y, idx, 2).nan_to_num(),
                        F.max_unpool2d(ref, ref_idx, 2).nan_to_num())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])
+def test_max_pool_saves_window_codes_unless_indices_are_asked_for(backend, fmt):
+    """A backend with WINDOW_CODES saves uint8 codes for the backward (an eighth of int64's
+    bytes) when the caller does not want the indices; either way the gradient is torch's."""
+    dev = device_of(backend)
+    kern = brainkern.backends.BACKENDS[backend]
+    x = torch.randn(2, 5, 9, 8, device=dev).contiguous(memory_format=fmt)
+    x[0, 1, :2, :2] = 1.0  # a tie
+    ref_y = F.max_pool2d(x.requires_grad_(), 3, 2, 1)
+    grad = torch.randn_like(ref_y)
+    ref = torch.autograd.grad(ref_y, x, grad)[0]
+    with brainkern.use_backend(backend):
+        for return_indices in (False, True):
+            y = BF.max_pool2d(x, 3, 2, 1, return_indices=return_indices)
+            y = y[0] if return_indices else y
+            (saved,) = y.grad_fn.saved_tensors
+            pool_module = importlib.import_module(f"{kern.package}.pool")
+            codes = not return_indices and getattr(pool_module, "WINDOW_CODES", False)
+            assert saved.dtype == (torch.uint8 if codes else torch.int64)
+            assert torch.equal(torch.autograd.grad(y, x, grad)[0], ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

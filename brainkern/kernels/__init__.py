@@ -130,9 +130,17 @@ N may be 0 (nothing to write).
     plane (torch's, usable by max_unpool2d). torch's rule and scan order (rows, then columns):
     a tap replaces the best so far when greater or NaN, so the first maximum wins ties, the
     last NaN wins a window with NaNs, and a window of -inf keeps its first in-bounds tap.
-``max_pool2d_backward(grad_out, indices, grad_x) -> None``
-    grad_x (x's shape, NCHW or NHWC) = the sum of grad_out over the taps that won, written
-    whole (zeros elsewhere), deterministically (the same bits on any thread count).
+    A pool module that sets ``WINDOW_CODES = True`` also takes uint8 indices, "window codes":
+    the winning tap's place ``i * kW + j`` in its window (windows of at most 256 taps). The
+    backward needs no more, and they are an eighth of the bytes: the ops layer saves them when
+    the caller does not ask for the indices.
+``max_pool2d_backward(grad_out, indices, grad_x, kernel_size, stride, padding, dilation) ->
+    None``
+    grad_x (x's shape, NCHW or NHWC) = the sum of grad_out over the taps that won (indices as
+    the forward wrote them, int64 or window codes), written whole (zeros elsewhere),
+    deterministically (the same bits on any thread count). The window arguments are the
+    forward's: codes need them, and non-overlapping windows let each element of grad_x be
+    written once.
 ``avg_pool2d_forward(x, out, kernel_size, stride, padding, count_include_pad, divisor) ->
     None``
     out = sum over the window's in-bounds taps / divisor when divisor > 0 (divisor_override),

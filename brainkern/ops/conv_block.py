@@ -68,7 +68,7 @@ def _backward(conv_kern, pool_kern, grad_out, x, weight, out, indices, pre, geom
     if need_x or need_w:
         grad_pre = torch.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype,
                                device=x.device, memory_format=fmt)
-        pool_kern.max_pool2d_backward(grad_pooled, indices, grad_pre)
+        pool_kern.max_pool2d_backward(grad_pooled, indices, grad_pre, *_POOL_ARGS)
         grad_x, grad_w = conv.linear_backward(conv_kern, grad_pre, x, weight, geometry, need_x,
                                               need_w)
     return grad_x, grad_w, grad_b

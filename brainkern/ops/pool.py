@@ -14,6 +14,7 @@ from brainkern.ops._checks import check_tensor
 from brainkern.ops._conv_geometry import memory_format, pair
 
 _CHANNELS_LAST = torch.channels_last
+_MAX_CODE_TAPS = 256  # windows whose every tap has a uint8 window code
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
@@ -71,18 +72,20 @@ def _needs_grad(x):
     return _dispatch.grad_enabled() and x.requires_grad
 
 
-def _max_forward(kern, x, args, out_hw, fmt, with_indices=True):
+def _max_forward(kern, x, args, out_hw, fmt, index_dtype=torch.int64):
+    """index_dtype: int64 (torch's indices), uint8 (window codes) or None (no indices)."""
     out = _empty_out(x, out_hw, fmt)
-    indices = _empty_out(x, out_hw, fmt, torch.int64) if with_indices else None
+    indices = None if index_dtype is None else _empty_out(x, out_hw, fmt, index_dtype)
     kern.max_pool2d_forward(x, out, indices, *args)
     return out, indices
 
 
-def _max_backward(kern, grad_out, indices, x_shape, fmt):
+def _max_backward(kern, grad_out, indices, x_shape, fmt, window):
+    """window: the forward's (kernel_size, stride, padding, dilation)."""
     grad_out = grad_out.contiguous(memory_format=fmt)
     grad_x = torch.empty(x_shape, dtype=grad_out.dtype, device=grad_out.device,
                          memory_format=fmt)
-    kern.max_pool2d_backward(grad_out, indices, grad_x)
+    kern.max_pool2d_backward(grad_out, indices, grad_x, *window)
     return grad_x
 
 
@@ -111,13 +114,14 @@ def _avg_backward(kern, grad_out, args, x_shape, fmt):
 class MaxPool2d(torch.autograd.Function):
     """``y = max over each window``. Backward: ``dx`` = the sum of dy over the windows whose
     maximum each element was, scattered through the indices the forward saved (a kernel, not
-    atomics, so the result is the same on any thread count). Backward is linear in dy, so
-    create_graph needs nothing more: the gradient of the gradient is this op again."""
+    atomics, so the result is the same on any thread count): torch's int64 indices, or uint8
+    window codes when the caller does not want the indices (index_dtype). Backward is linear in
+    dy, so create_graph needs nothing more: the gradient of the gradient is this op again."""
 
     @staticmethod
-    def forward(ctx, x, kern, args, out_hw, fmt):
-        out, indices = _max_forward(kern, x, args, out_hw, fmt)
-        ctx.kern, ctx.fmt, ctx.x_shape = kern, fmt, x.shape
+    def forward(ctx, x, kern, args, out_hw, fmt, index_dtype):
+        out, indices = _max_forward(kern, x, args, out_hw, fmt, index_dtype)
+        ctx.kern, ctx.fmt, ctx.x_shape, ctx.window = kern, fmt, x.shape, args
         ctx.save_for_backward(indices)
         ctx.mark_non_differentiable(indices)
         return out, indices
@@ -125,8 +129,8 @@ class MaxPool2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_indices):
         (indices,) = ctx.saved_tensors
-        return _max_backward(ctx.kern, grad_out, indices, ctx.x_shape, ctx.fmt), None, None, \
-            None, None
+        grad_x = _max_backward(ctx.kern, grad_out, indices, ctx.x_shape, ctx.fmt, ctx.window)
+        return grad_x, None, None, None, None, None
 
 
 class AvgPool2d(torch.autograd.Function):
@@ -167,22 +171,26 @@ _max_op = _dispatch.define(
     family="pool", impl=_max_op_forward, fake=_max_op_fake)
 
 
-def _max_backward_impl(kern, grad_out, indices, x_shape, channels_last):
-    return _max_backward(kern, grad_out, indices, x_shape, _fmt(channels_last))
+def _max_backward_impl(kern, grad_out, indices, x_shape, kernel, stride, padding, dilation,
+                       channels_last):
+    window = (tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+    return _max_backward(kern, grad_out, indices, x_shape, _fmt(channels_last), window)
 
 
-def _max_backward_fake(grad_out, indices, x_shape, channels_last):
+def _max_backward_fake(grad_out, indices, x_shape, kernel, stride, padding, dilation,
+                       channels_last):
     return grad_out.new_empty(x_shape).contiguous(memory_format=_fmt(channels_last))
 
 
 _max_backward_op = _dispatch.define(
     "max_pool2d_backward", "(str backend, Tensor grad_out, Tensor indices, int[] x_shape, "
-    "bool channels_last) -> Tensor", family="pool", impl=_max_backward_impl,
+    "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool channels_last) -> "
+    "Tensor", family="pool", impl=_max_backward_impl,
     fake=_max_backward_fake)
 
 
 def _max_setup_context(ctx, inputs, output):
-    ctx.backend, x, ctx.channels_last = inputs[0], inputs[1], inputs[-1]
+    ctx.backend, x, *ctx.window, _, ctx.channels_last = inputs
     ctx.x_shape = list(x.shape)
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
@@ -190,7 +198,8 @@ def _max_setup_context(ctx, inputs, output):
 
 def _max_op_autograd(ctx, grad_out, _grad_indices):
     (indices,) = ctx.saved_tensors
-    grad_x = _max_backward_op(ctx.backend, grad_out, indices, ctx.x_shape, ctx.channels_last)
+    grad_x = _max_backward_op(ctx.backend, grad_out, indices, ctx.x_shape, *ctx.window,
+                              ctx.channels_last)
     return None, grad_x, None, None, None, None, None, None
 
 
@@ -289,9 +298,13 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         out, indices = _max_op(_backend(x), x, *(list(a) for a in args), list(out_hw),
                                fmt is _CHANNELS_LAST)
     elif _needs_grad(x):
-        out, indices = MaxPool2d.apply(x, kern, tuple(args), out_hw, fmt)
+        codes = (not return_indices and getattr(kern, "WINDOW_CODES", False)
+                 and args[0][0] * args[0][1] <= _MAX_CODE_TAPS)
+        out, indices = MaxPool2d.apply(x, kern, tuple(args), out_hw, fmt,
+                                       torch.uint8 if codes else torch.int64)
     else:
-        out, indices = _max_forward(kern, x, args, out_hw, fmt, return_indices)
+        out, indices = _max_forward(kern, x, args, out_hw, fmt,
+                                    torch.int64 if return_indices else None)
     if return_indices:
         return _squeeze(out, unbatched), _squeeze(indices, unbatched)
     return _squeeze(out, unbatched)

@@ -37,6 +37,7 @@ from brainkern.kernels.numba._pool_kernels import (
 
 DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64)
+WINDOW_CODES = True  # max pooling takes uint8 window codes for indices (kernels/__init__.py)
 
 # Below this many elements moved a kernel runs on one thread: waking the pool costs ~10-20 us.
 _PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -46,6 +47,7 @@ _CHANNEL_BLOCK_QUANTUM = 16
 _TASKS_PER_THREAD = 4
 
 _EMPTY_INDICES = np.empty(0, dtype=np.int64)
+_EMPTY_CODES = np.empty(0, dtype=np.uint8)
 
 
 def _layout(*tensors):
@@ -99,11 +101,26 @@ def _scale(dtype: torch.dtype, divisor: int):
     return (np.float64 if dtype == torch.float64 else np.float32)(1.0 / (divisor or 4))
 
 
-def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
-    """out = each window's maximum; indices (or None) its flat tap ``h * W + w``.
+def _window(kernel_size, stride, padding, dilation) -> tuple:
+    return (*stride, *padding, kernel_size[1], *dilation)
 
-    x (N, C, H, W), out and indices (int64) (N, C, H_out, W_out), all NCHW- or all
-    NHWC-contiguous; kernel_size, stride, padding, dilation: (h, w) pairs (kernels/__init__.py).
+
+def _indices_and_codes(indices):
+    """(int64 indices, uint8 codes) storage for the kernels: the given tensor's, and an empty
+    array for the other."""
+    if indices is None:
+        return _EMPTY_INDICES, _EMPTY_CODES
+    if indices.dtype == torch.uint8:
+        return _EMPTY_INDICES, _storage(indices)
+    return _storage(indices), _EMPTY_CODES
+
+
+def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
+    """out = each window's maximum; indices (or None) its flat tap ``h * W + w`` (int64) or its
+    window code (uint8).
+
+    x (N, C, H, W), out and indices (N, C, H_out, W_out), all NCHW- or all NHWC-contiguous;
+    kernel_size, stride, padding, dilation: (h, w) pairs (kernels/__init__.py).
     """
     if out.numel() == 0:
         return
@@ -111,9 +128,9 @@ def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
     P, Q = _layout(*tensors)
     (H, W), (Ho, Wo) = x.shape[2:], out.shape[2:]
     rows, cols = _tables(x, out, kernel_size, stride, padding, dilation, False, False)
-    args = (_storage(x), _storage(out),
-            _EMPTY_INDICES if indices is None else _storage(indices), indices is not None,
-            H, W, Q, Ho, Wo, rows, cols, dilation[0], dilation[1],
+    idx, codes = _indices_and_codes(indices)
+    args = (_storage(x), _storage(out), idx, idx.size > 0, codes, H, W, Q, Ho, Wo, rows, cols,
+            _window(kernel_size, stride, padding, dilation),
             _pairs(x, out, kernel_size, stride, padding, dilation), P * Ho)
     if _threads(x.numel()) > 1:
         max_forward_parallel(*args)
@@ -121,11 +138,12 @@ def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
         max_forward_serial(*args)
 
 
-def max_pool2d_backward(grad_out, indices, grad_x):
-    """grad_x = grad_out summed into the taps its indices name, zeros elsewhere.
+def max_pool2d_backward(grad_out, indices, grad_x, kernel_size, stride, padding, dilation):
+    """grad_x = grad_out summed into the taps its indices (or window codes) name, zeros
+    elsewhere.
 
     grad_out, indices (N, C, H_out, W_out) and grad_x (N, C, H, W) in one format, as
-    max_pool2d_forward wrote them.
+    max_pool2d_forward wrote them; the window arguments are the forward's.
     """
     if grad_x.numel() == 0:
         return
@@ -136,8 +154,12 @@ def max_pool2d_backward(grad_out, indices, grad_x):
     (H, W), (Ho, Wo) = grad_x.shape[2:], grad_out.shape[2:]
     threads = _threads(grad_x.numel())
     q_block, tasks = _slices(P, Q, threads)
-    args = (_storage(grad_out), _storage(indices), _storage(grad_x), H, W, Q, Ho, Wo, q_block,
-            tasks)
+    idx, codes = _indices_and_codes(indices)
+    (kh, kw), (dh, dw) = kernel_size, dilation
+    offsets = np.array([i * dh * W + j * dw for i in range(kh) for j in range(kw)],
+                       dtype=np.int64)
+    args = (_storage(grad_out), idx, codes, _storage(grad_x), H, W, Q, Ho, Wo,
+            (*stride, *padding), offsets, q_block, tasks)
     if threads > 1:
         max_backward_parallel(*args)
     else:

@@ -30,7 +30,7 @@ def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
         indices.copy_(argmax)
 
 
-def max_pool2d_backward(grad_out, indices, grad_x):
+def max_pool2d_backward(grad_out, indices, grad_x, kernel_size, stride, padding, dilation):
     """grad_x = grad_out summed into each window's winning tap, zeros elsewhere.
 
     torch's scatter_add: deterministic on the CPU; on CUDA it adds with atomics, so overlapping

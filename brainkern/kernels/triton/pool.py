@@ -296,8 +296,9 @@ def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
     )
 
 
-def max_pool2d_backward(grad_out, indices, grad_x):
-    """grad_x = grad_out summed into the taps its indices name, zeros elsewhere."""
+def max_pool2d_backward(grad_out, indices, grad_x, kernel_size, stride, padding, dilation):
+    """grad_x = grad_out summed into the taps its indices name, zeros elsewhere (the window
+    arguments unused: one scatter serves every window)."""
     if grad_x.numel() == 0:
         return
     if grad_out.numel() == 0:
