@@ -323,13 +323,14 @@ def bench_pools(results: list[Result]) -> None:
         x = torch.randn(shape)
         elem = 4
         out_elems = n * c * (h // 2) * (w // 2)
-        # Fewest bytes: read x, write out (+ int64 indices for max with a backward); backward
-        # reads grad_out (+ indices) and writes grad_x.
+        # Fewest bytes: read x, write out (+ a 1-byte window code per output for max with a
+        # backward: what the backward needs; torch saves 8-byte indices); backward reads
+        # grad_out (+ the codes) and writes grad_x.
         fwd_bytes = elem * (x.numel() + out_elems)
         for mode in ("fwd", "fwd+bwd"):
             nbytes = fwd_bytes
             if mode == "fwd+bwd":
-                index_bytes = 8 * out_elems if kind.startswith("max") else 0
+                index_bytes = out_elems if kind.startswith("max") else 0
                 nbytes += index_bytes * 2 + elem * (out_elems + x.numel())
             inputs = {"NCHW": x, "channels_last": x.contiguous(memory_format=CL)}
             impls = {}
