@@ -20,6 +20,33 @@ struct ConvGeometry {
   bool nhwc;
 };
 
+// One image of a stride-1 convolution as an implicit GEMM (conv_implicit.inc): no im2col, the
+// register tile's rows read the padded input in place. Output pixels are numbered on a virtual
+// grid of rows x wv (wv: the output width rounded up to ConvKernels::implicit_group), each
+// group of that many pixels within one row; the tile's groups may come from different rows.
+//   xpad: the image in NHWC, zero-padded: rows of wp pixels of c_in floats, pixel (r, q) the
+//         input's (r - ph, q - pw); every tap of every virtual pixel inside it.
+//   tap_offsets[t]: floats from a pixel's tap (0, 0) to its tap t = (i, j): (i dh wp + j dw) c_in.
+//   b_packed: the weight as pack_b_panels of K x c_out, K ordered (tap, ci).
+//   bias: c_out floats padded to a multiple of nr (zeros past c_out), or null.
+//   out, pre (or null): virtual pixel v's c_out outputs at v * ldo (ldo a multiple of nr), for
+//         v < pixels rounded up to the tile (the rows past pixels are scratch).
+//   Only the tiles of pixels [v_begin, v_end) are computed (v_begin a multiple of the tile).
+struct ImplicitConv {
+  const float* xpad;
+  int64_t wp, c_in, pixels, wv, v_begin, v_end;
+  const int64_t* tap_offsets;
+  int64_t taps;
+  const float* b_packed;
+  int64_t c_out;
+  const float* bias;
+  int act;
+  float act_param;
+  float* out;
+  float* pre;
+  int64_t ldo;
+};
+
 // The pieces of the convolutions that run per ISA; the drivers (conv_dispatch.inc) cut the work
 // into chunks of output pixels and call these and the GEMM on them.
 struct ConvKernels {
@@ -68,6 +95,9 @@ struct ConvKernels {
   void (*direct_nchw)(const ConvGeometry& c, const float* padded, int64_t rows, int64_t width,
                       const float* weight, int64_t block, const float* bias, float* out,
                       float* pre, int act, float act_param);
+  // ImplicitConv's image, and the pixels per group of its virtual grid.
+  void (*implicit_conv)(const ImplicitConv& a);
+  int64_t implicit_group;
 };
 
 constexpr int64_t kDirectChannels = 8;
