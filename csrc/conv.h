@@ -47,6 +47,24 @@ struct ImplicitConv {
   int64_t ldo;
 };
 
+// One image's share of a stride-1 convolution's weight gradient as an implicit GEMM
+// (conv_implicit.inc): acc (K x ld, K = taps * c_in ordered (tap, ci), rows past K rounded up
+// to the tile are scratch) = (first ? 0 : acc) + dW^T, summing over the image's h_out x w_out
+// output pixels, their inputs read in place from xpad (as ImplicitConv's, with its tap
+// offsets); dz_packed: the image's dz as pack_b_panels of pixels x c_out. c_in must be a
+// multiple of ConvKernels::implicit_group.
+struct ImplicitWeightGrad {
+  const float* xpad;
+  int64_t wp, c_in, h_out, w_out;
+  const int64_t* tap_offsets;
+  int64_t taps;
+  const float* dz_packed;
+  int64_t c_out;
+  float* acc;
+  int64_t ld;
+  bool first;
+};
+
 // The pieces of the convolutions that run per ISA; the drivers (conv_dispatch.inc) cut the work
 // into chunks of output pixels and call these and the GEMM on them.
 struct ConvKernels {
@@ -97,6 +115,7 @@ struct ConvKernels {
                       float* pre, int act, float act_param);
   // ImplicitConv's image, and the pixels per group of its virtual grid.
   void (*implicit_conv)(const ImplicitConv& a);
+  void (*implicit_weight_grad)(const ImplicitWeightGrad& a);
   int64_t implicit_group;
 };
 
