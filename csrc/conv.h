@@ -20,12 +20,13 @@ struct ConvGeometry {
   bool nhwc;
 };
 
-// One image of a stride-1 convolution as an implicit GEMM (conv_implicit.inc): no im2col, the
+// One image of a convolution as an implicit GEMM (conv_implicit.inc): no im2col, the
 // register tile's rows read the padded input in place. Output pixels are numbered on a virtual
 // grid of rows x wv (wv: the output width rounded up to ConvKernels::implicit_group), each
 // group of that many pixels within one row; the tile's groups may come from different rows.
 //   xpad: the image in NHWC, zero-padded: rows of wp pixels of c_in floats, pixel (r, q) the
-//         input's (r - ph, q - pw); every tap of every virtual pixel inside it.
+//         input's (r - ph, q - pw); every tap of every virtual pixel inside it. Output pixel
+//         (oh, ow)'s tap (0, 0) is xpad's pixel (oh * sh, ow * sw).
 //   tap_offsets[t]: floats from a pixel's tap (0, 0) to its tap t = (i, j): (i dh wp + j dw) c_in.
 //   b_packed: the weight as pack_b_panels of K x c_out, K ordered (tap, ci).
 //   bias: c_out floats padded to a multiple of nr (zeros past c_out), or null.
@@ -34,7 +35,7 @@ struct ConvGeometry {
 //   Only the tiles of pixels [v_begin, v_end) are computed (v_begin a multiple of the tile).
 struct ImplicitConv {
   const float* xpad;
-  int64_t wp, c_in, pixels, wv, v_begin, v_end;
+  int64_t wp, c_in, pixels, wv, v_begin, v_end, sh, sw;
   const int64_t* tap_offsets;
   int64_t taps;
   const float* b_packed;
@@ -47,7 +48,7 @@ struct ImplicitConv {
   int64_t ldo;
 };
 
-// One image's share of a stride-1 convolution's weight gradient as an implicit GEMM
+// One image's share of a convolution's weight gradient as an implicit GEMM
 // (conv_implicit.inc): acc (K x ld, K = taps * c_in ordered (tap, ci), rows past K rounded up
 // to the tile are scratch) = (first ? 0 : acc) + dW^T, summing over the image's h_out x w_out
 // output pixels, their inputs read in place from xpad (as ImplicitConv's, with its tap
@@ -55,7 +56,7 @@ struct ImplicitConv {
 // multiple of ConvKernels::implicit_group.
 struct ImplicitWeightGrad {
   const float* xpad;
-  int64_t wp, c_in, h_out, w_out;
+  int64_t wp, c_in, h_out, w_out, sh, sw;
   const int64_t* tap_offsets;
   int64_t taps;
   const float* dz_packed;

@@ -48,15 +48,19 @@ CASES = [
     # through NHWC an image at a time)
     (1, 3, 6, (3, 66), (3, 3), (1, 1), (1, 1), (1, 1), 3, (0, 0)),
     (2, 2, 2, (4, 131), (3, 2), (2, 2), (1, 0), (1, 2), 2, (0, 0)),
-    # stride 1, 16+ input channels, at most a fifth of the products on padding: the implicit
-    # GEMM (forward and weight gradient; the transposed forward too when C_out >= 16 and its
-    # own padding qualifies): widths not a multiple of its pixel groups, C_out not of its
-    # tile, dilation, output rows and columns past torch's or short of them, even kernels
+    # 16+ input channels, 64+ output pixels, at most a fifth of the products on padding: the
+    # implicit GEMM (forward and weight gradient; the transposed forward too when C_out >= 16,
+    # stride 1 and its own padding qualifies): widths not a multiple of its pixel groups, C_out
+    # not of its tile, dilation, output rows and columns past torch's or short of them, even
+    # kernels
     (2, 16, 40, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
     (1, 20, 24, (22, 23), (3, 3), (1, 1), (2, 2), (2, 2), 1, (1, 2)),
     (1, 20, 16, (14, 17), (3, 5), (1, 1), (2, 1), (2, 2), 1, (1, -6)),
     (3, 24, 33, (6, 5), (2, 2), (1, 1), (0, 0), (1, 1), 1, (0, 0)),
     (2, 18, 17, (16, 19), (3, 2), (1, 1), (2, 1), (2, 3), 1, (0, 1)),
+    # strided: the implicit GEMM's rows a stride apart (forward and weight gradient)
+    (2, 16, 24, (17, 20), (3, 3), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
+    (1, 20, 32, (18, 16), (3, 2), (2, 1), (1, 0), (1, 2), 1, (0, 1)),
 ]
 
 
