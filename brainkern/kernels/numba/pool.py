@@ -82,8 +82,9 @@ def _slices(P, Q, threads):
     return q_block, P * -(-Q // q_block)
 
 
-def _pairs(x, out, kernel_size, stride, padding, dilation=(1, 1)) -> bool:
-    """2x2 windows of stride 2, unpadded, undilated, every one inside x."""
+def two_by_two(x, out, kernel_size, stride, padding, dilation=(1, 1)) -> bool:
+    """2x2 windows of stride 2, unpadded, undilated, every one inside x (the native backend's
+    C++ kernels take these too)."""
     return (tuple(kernel_size) == (2, 2) and tuple(stride) == (2, 2) and tuple(padding) == (0, 0)
             and tuple(dilation) == (1, 1) and 2 * out.shape[2] <= x.shape[2]
             and 2 * out.shape[3] <= x.shape[3])
@@ -131,7 +132,7 @@ def max_pool2d_forward(x, out, indices, kernel_size, stride, padding, dilation):
     idx, codes = _indices_and_codes(indices)
     args = (_storage(x), _storage(out), idx, idx.size > 0, codes, H, W, Q, Ho, Wo, rows, cols,
             _window(kernel_size, stride, padding, dilation),
-            _pairs(x, out, kernel_size, stride, padding, dilation), P * Ho)
+            two_by_two(x, out, kernel_size, stride, padding, dilation), P * Ho)
     if _threads(x.numel()) > 1:
         max_forward_parallel(*args)
     else:
@@ -197,7 +198,7 @@ def avg_pool2d_forward(x, out, kernel_size, stride, padding, count_include_pad, 
     if out.numel() == 0:
         return
     tables = _tables(x, out, kernel_size, stride, padding, (1, 1), False, count_include_pad)
-    _avg_forward(x, out, tables, divisor, _pairs(x, out, kernel_size, stride, padding))
+    _avg_forward(x, out, tables, divisor, two_by_two(x, out, kernel_size, stride, padding))
 
 
 def avg_pool2d_backward(grad_out, grad_x, kernel_size, stride, padding, count_include_pad,
@@ -212,7 +213,7 @@ def avg_pool2d_backward(grad_out, grad_x, kernel_size, stride, padding, count_in
     tables = _tables(grad_x, grad_out, kernel_size, stride, padding, (1, 1), False,
                      count_include_pad)
     _avg_backward(grad_out, grad_x, tables, divisor,
-                  _pairs(grad_x, grad_out, kernel_size, stride, padding))
+                  two_by_two(grad_x, grad_out, kernel_size, stride, padding))
 
 
 def adaptive_avg_pool2d_forward(x, out):
