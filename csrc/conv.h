@@ -31,7 +31,10 @@ struct ConvGeometry {
 //   b_packed: the weight as pack_b_panels of K x c_out, K ordered (tap, ci).
 //   bias: c_out floats padded to a multiple of nr (zeros past c_out), or null.
 //   out, pre (or null): virtual pixel v's c_out outputs at v * ldo (ldo a multiple of nr), for
-//         v < pixels rounded up to the tile (the rows past pixels are scratch).
+//         v < rows; a tile with rows past `rows` goes through `edge` (kMR x ldo floats, then
+//         as many for pre), its real rows copied out after its last tap. A virtual output
+//         (rows: pixels rounded up to the tile, the rows past pixels scratch) needs no edge;
+//         an NHWC output tensor written in place (rows = pixels, ldo = c_out) does.
 //   Only the tiles of pixels [v_begin, v_end) are computed (v_begin a multiple of the tile).
 struct ImplicitConv {
   const float* xpad;
@@ -45,7 +48,8 @@ struct ImplicitConv {
   float act_param;
   float* out;
   float* pre;
-  int64_t ldo;
+  int64_t ldo, rows;
+  float* edge;
 };
 
 // One image's share of a convolution's weight gradient as an implicit GEMM

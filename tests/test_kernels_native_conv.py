@@ -61,6 +61,11 @@ CASES = [
     # strided: the implicit GEMM's rows a stride apart (forward and weight gradient)
     (2, 16, 24, (17, 20), (3, 3), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
     (1, 20, 32, (18, 16), (3, 2), (2, 1), (1, 0), (1, 2), 1, (0, 1)),
+    # NHWC outputs written in place by the implicit GEMM (output width a multiple of its pixel
+    # groups, C_out of its tile), pixels not a multiple of the tile: the last tile's real rows
+    # go through a scratch tile; one image (split between threads) and several
+    (1, 16, 32, (10, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
+    (3, 16, 64, (11, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
 ]
 
 
