@@ -66,6 +66,9 @@ CASES = [
     # go through a scratch tile; one image (split between threads) and several
     (1, 16, 32, (10, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
     (3, 16, 64, (11, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
+    # one input channel, strided (a DCGAN's last layer, transposed): NHWC bias + activation
+    # over a single contiguous column
+    (2, 1, 8, (10, 9), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
 ]
 
 
