@@ -69,6 +69,8 @@ CASES = [
     # one input channel, strided (a DCGAN's last layer, transposed): NHWC bias + activation
     # over a single contiguous column
     (2, 1, 8, (10, 9), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
+    # one output pixel in NCHW: the same single column, its bias one per channel
+    (3, 4, 6, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
 ]
 
 
