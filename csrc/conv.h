@@ -118,6 +118,12 @@ struct ConvKernels {
   void (*direct_nchw)(const ConvGeometry& c, const float* padded, int64_t rows, int64_t width,
                       const float* weight, int64_t block, const float* bias, float* out,
                       float* pre, int act, float act_param);
+  // The weight gradient of the same layers, one image: acc[e * kDirectLanes + l] (+)= lane l's
+  // share of dW element e = (co, ci, i, j), summed over the image's output pixels (dz: the
+  // image's (c_out, h_out, w_out); padded as direct_nchw's). first: acc is overwritten, else
+  // added to. The caller sums the lanes; lanes past the ISA's are left untouched.
+  void (*direct_weight_grad)(const ConvGeometry& c, const float* padded, int64_t rows,
+                             int64_t width, const float* dz, float* acc, bool first);
   // ImplicitConv's image, and the pixels per group of its virtual grid.
   void (*implicit_conv)(const ImplicitConv& a);
   void (*implicit_weight_grad)(const ImplicitWeightGrad& a);
@@ -125,6 +131,8 @@ struct ConvKernels {
 };
 
 constexpr int64_t kDirectChannels = 8;
+constexpr int64_t kDirectLanes = 16;  // acc slots per dW element in direct_weight_grad
+constexpr int64_t kDirectTaps = 5;    // taps of a kernel row per pass of direct_weight_grad
 
 // conv2d_activation_backward's arguments: grad_pre = grad_out * act'(saved), and grad_bias[c]
 // = the sum of grad_pre over (n, h, w) when grad_bias is not null.

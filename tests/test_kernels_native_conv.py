@@ -201,6 +201,23 @@ def test_conv2d_backward_weight(isa, fmt, case):
     assert_close(grad_w, ref, torch.float32, scale=scale)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [6, 11, 16, 23], ids=["stem", "dilated", "implicit", "inplace"])
+def test_weight_gradient_sums_images_within_a_part(isa, fmt, case):
+    """More images than the weight gradient's parts (8): each part adds several images'
+    products (the stems' direct kernel, the implicit GEMM, the GEMM path)."""
+    runs_here(isa)
+    x, w, _, params = inputs(CASES[case], n=19)
+    grad = torch.randn(19, w.shape[0], *out_size(CASES[case]))
+    grad_w = torch.full(w.shape, float("nan"))
+    call("conv2d_backward_weight", grad.contiguous(memory_format=fmt),
+         x.contiguous(memory_format=fmt), grad_w, *params, isa=isa)
+    ref = weight_grad_reference(grad, x, w.shape, *params)
+    scale = weight_grad_reference(grad.abs(), x.abs(), w.shape, *params)
+    assert_close(grad_w, ref, torch.float32, scale=scale)
+
+
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 def test_weight_gradient_is_the_same_on_any_thread_count(fmt):
     built()
