@@ -191,7 +191,11 @@ def weight_grad_reference(grad, x, w_shape, stride, padding, dilation, groups):
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_conv2d_backward_weight(isa, fmt, case):
     runs_here(isa)
-    x, w, _, params = inputs(case)
+    check_weight_grad(isa, fmt, case)
+
+
+def check_weight_grad(isa, fmt, case, n=None):
+    x, w, _, params = inputs(case, n)
     grad = torch.randn(x.shape[0], w.shape[0], *out_size(case))
     grad_w = torch.full(w.shape, float("nan"))
     call("conv2d_backward_weight", grad.contiguous(memory_format=fmt),
@@ -208,14 +212,7 @@ def test_weight_gradient_sums_images_within_a_part(isa, fmt, case):
     """More images than the weight gradient's parts (8): each part adds several images'
     products (the stems' direct kernel, the implicit GEMM, the GEMM path)."""
     runs_here(isa)
-    x, w, _, params = inputs(CASES[case], n=19)
-    grad = torch.randn(19, w.shape[0], *out_size(CASES[case]))
-    grad_w = torch.full(w.shape, float("nan"))
-    call("conv2d_backward_weight", grad.contiguous(memory_format=fmt),
-         x.contiguous(memory_format=fmt), grad_w, *params, isa=isa)
-    ref = weight_grad_reference(grad, x, w.shape, *params)
-    scale = weight_grad_reference(grad.abs(), x.abs(), w.shape, *params)
-    assert_close(grad_w, ref, torch.float32, scale=scale)
+    check_weight_grad(isa, fmt, CASES[case], n=19)
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
