@@ -149,7 +149,8 @@ void conv_transpose2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_
 }
 
 void conv2d_maxpool2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out,
-                              uintptr_t indices, uintptr_t pre, const ConvShape& shape, bool nhwc,
+                              uintptr_t indices, uintptr_t codes, uintptr_t pre,
+                              const ConvShape& shape, bool nhwc,
                               int act_code, float act_param, int num_threads,
                               const std::string& isa) {
   const char* fn = "conv2d_maxpool2d_forward";
@@ -160,13 +161,16 @@ void conv2d_maxpool2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_
   const int64_t out_size = c.n * c.c_out * (c.h_out / 2) * (c.w_out / 2);
   require(x != 0 || c.n * c.c_in * c.h * c.w == 0, fn, "x is null");
   require(w != 0 || c.c_out * c.c_in == 0, fn, "weight is null");
-  require((out != 0 && indices != 0) || out_size == 0, fn, "out or indices is null");
+  require(out != 0 || out_size == 0, fn, "out is null");
+  require(((indices != 0) != (codes != 0)) || out_size == 0, fn,
+          "exactly one of indices and codes is needed");
   const bk::IsaKernels& kernels = bk::isa_kernels(isa);
   py::gil_scoped_release release;
   bk::conv2d_maxpool2d_forward(kernels, c, reinterpret_cast<const float*>(x),
                                reinterpret_cast<const float*>(w),
                                reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
-                               reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(pre),
+                               reinterpret_cast<int64_t*>(indices),
+                               reinterpret_cast<uint8_t*>(codes), reinterpret_cast<float*>(pre),
                                act_code, act_param, num_threads);
 }
 
@@ -370,15 +374,17 @@ shape describes the convolution this is the adjoint of: x has its output's shape
 h_out, w_out), out and pre its input's (n, c_in, h, w), w is (c_out, c_in / groups, kh, kw).
 Layouts and the rest as conv2d_forward.)doc");
   m.def("conv2d_maxpool2d_forward", &conv2d_maxpool2d_forward, py::arg("x"), py::arg("w"),
-        py::arg("bias"), py::arg("out"), py::arg("indices"), py::arg("pre"), py::arg("shape"),
-        py::arg("nhwc"), py::arg("act_code"), py::arg("act_param"), py::arg("num_threads"),
+        py::arg("bias"), py::arg("out"), py::arg("indices"), py::arg("codes"), py::arg("pre"),
+        py::arg("shape"), py::arg("nhwc"), py::arg("act_code"), py::arg("act_param"),
+        py::arg("num_threads"),
         py::arg("isa") = "",
         R"doc(max_pool2d(act(conv2d(x, w) + bias), 2) in float32, the conv output never stored.
 
 shape as conv2d_forward's, (h_out, w_out) the conv output's size (at least 2 x 2); out, pre
-(or 0) float32 and indices int64, (n, c_out, h_out // 2, w_out // 2) in x's layout: the
-pooled maximum (NaN wins, first maximum on ties), its flat tap h * w_out + w, and the
-pre-activation there. The GIL is released meanwhile.)doc");
+(or 0) float32, (n, c_out, h_out // 2, w_out // 2) in x's layout: the pooled maximum (NaN
+wins, first maximum on ties) and the pre-activation there; exactly one of indices (int64, its
+flat tap h * w_out + w) and codes (uint8, its place 2u + v in its window), alike. The GIL is
+released meanwhile.)doc");
   m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("grad_pre"), py::arg("x"),
         py::arg("grad_w"), py::arg("shape"), py::arg("nhwc"), py::arg("num_threads"),
         py::arg("isa") = "",

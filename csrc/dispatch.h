@@ -65,7 +65,7 @@ size_t conv_scratch_bytes();
 // pre-activations.
 void conv2d_maxpool2d_forward(const IsaKernels& isa, const ConvGeometry& c, const float* x,
                               const float* w, const float* bias, float* out, int64_t* indices,
-                              float* pre, int act, float act_param, int threads);
+                              uint8_t* codes, float* pre, int act, float act_param, int threads);
 
 // FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);

@@ -339,3 +339,11 @@ def test_conv2d_maxpool2d_forward(backend, act, fmt):
         check(y.flatten(2).gather(2, won.flatten(2)).view(shape), ref, torch.float32,
               "the value at the index", tol_scale)
         check(pre, z.flatten(2).gather(2, won.flatten(2)).view(shape), torch.float32, "pre")
+        if getattr(kern, "WINDOW_CODES", False):  # uint8 codes 2u + v name the same winners
+            out_c, pre_c = poisoned_in(shape, x, fmt), poisoned_in(shape, x, fmt)
+            codes = poisoned_in(shape, x, fmt, torch.uint8)
+            kern.conv2d_maxpool2d_forward(x, weight, bias, out_c, codes, pre_c, conv_hw,
+                                          *layer.params(), act.code, act.param)
+            u, v = codes.cpu().long() // 2, codes.cpu().long() % 2
+            assert torch.equal(rows, 2 * grid_h + u) and torch.equal(cols, 2 * grid_w + v)
+            assert torch.equal(out_c, out) and torch.equal(pre_c, pre)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from brainkern import activations as A
 from brainkern.kernels import native
 from brainkern.kernels.native import conv as native_conv
+from brainkern.kernels.native.pool import codes_to_indices_2x2
 from helpers import TOLERANCE, assert_close
 
 ISAS = ["avx512", "avx2", "portable"]
@@ -281,11 +282,13 @@ def test_bias_gradient_is_the_same_on_any_thread_count(fmt):
 BLOCK_ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, -0.2), (A.GELU, 0.0)]
 
 
-def run_block(x, w, b, params, conv_hw, fmt, code, param, isa=None):
-    """The fused block on NaN-poisoned outputs: (out, indices, pre or None)."""
+def run_block(x, w, b, params, conv_hw, fmt, code, param, isa=None, codes=False):
+    """The fused block on NaN-poisoned outputs: (out, indices (uint8 window codes when codes),
+    pre or None)."""
     shape = (x.shape[0], w.shape[0], conv_hw[0] // 2, conv_hw[1] // 2)
     out = poisoned_like(shape, fmt).to(x.dtype)
-    indices = torch.full(shape, -1, dtype=torch.int64).contiguous(memory_format=fmt)
+    indices = torch.full(shape, 255 if codes else -1,
+                         dtype=torch.uint8 if codes else torch.int64).contiguous(memory_format=fmt)
     pre = torch.full_like(out, float("nan")) if code in (A.GELU, A.SILU) else None  # needs z
     call("conv2d_maxpool2d_forward", x.contiguous(memory_format=fmt), w, b, out, indices, pre,
          conv_hw, *params, code, param, isa=isa)
@@ -324,6 +327,11 @@ def test_conv2d_maxpool2d_forward(isa, fmt, case, code, param):
     assert_close(out, at(y, indices), torch.float32, what="out at indices", scale=pooled_scale)
     if pre is not None:
         assert_close(pre, at(z, indices), torch.float32, what="pre", scale=pooled_scale)
+    # Window codes instead: the same winners, named by their place in the window.
+    out_c, codes, pre_c = run_block(x, w, b, params, conv_hw, fmt, code, param, isa, codes=True)
+    assert torch.equal(out_c, out) and codes.is_contiguous(memory_format=fmt)
+    assert torch.equal(codes_to_indices_2x2(codes, conv_hw[1]), indices)
+    assert pre is None or torch.equal(pre_c, pre)
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])

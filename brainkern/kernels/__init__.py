@@ -110,8 +110,10 @@ Optionally, a backend fuses the conv block (brainkern/ops/conv_block.py) into on
     W_c) >= (2, 2) (y is never stored):
     out (N, C_out, H_c // 2, W_c // 2) = y max-pooled 2x2 with stride 2 (as
     max_pool2d_forward, NaN winning, first maximum on ties); indices (int64, out's shape and
-    format) = the winning tap's flat ``h * W_c + w``; pre (out's shape) or None = the
-    pre-activation at the winning tap (for activations whose derivative needs it).
+    format) = the winning tap's flat ``h * W_c + w``, or, where the conv module sets
+    ``WINDOW_CODES = True``, uint8 window codes ``2u + v`` as the pool family's; pre (out's
+    shape) or None = the pre-activation at the winning tap (for activations whose derivative
+    needs it).
 
 Pooling family (``pool``)
 -------------------------

@@ -1,9 +1,9 @@
 """The fused conv block: ``max_pool2d(act(conv2d(x, W) + b), 2)`` as one op.
 
 Every layer of a classic CNN is this block. Fused, it keeps only the pooled output, the pooling
-indices and (for gelu/silu, whose derivative needs the pre-activation) the pre-activation at the
-winning taps: a quarter of what the unfused sequence keeps, and its backward runs the activation
-derivative on the pooled quarter only.
+indices (1-byte window codes where the kernels take them) and (for gelu/silu, whose derivative
+needs the pre-activation) the pre-activation at the winning taps: a quarter of what the unfused
+sequence keeps, and its backward runs the activation derivative on the pooled quarter only.
 
 Backward, with ``g = dL/dy`` on the pooled output and ``i`` the winning taps:
 
@@ -38,11 +38,16 @@ def _forward(conv_kern, pool_kern, x, weight, bias, geometry: ConvGeometry, act,
     n, c_out = x.shape[0], weight.shape[0]
     pooled_hw = (geometry.out_hw[0] // 2, geometry.out_hw[1] // 2)
     out = torch.empty((n, c_out, *pooled_hw), dtype=x.dtype, device=x.device, memory_format=fmt)
-    indices = torch.empty_like(out, dtype=torch.int64)
     keeps_pre = act is not None and not act.saves_output
+    fused = getattr(conv_kern, "conv2d_maxpool2d_forward", None)
+    # Window codes (an eighth of int64 indices' bytes: 4 MB less to allocate and write for the
+    # CNN's stem) where the kernels that write and read them take them; the unfused sequence
+    # gathers the pre-activation by torch's indices.
+    codes = getattr(pool_kern, "WINDOW_CODES", False) and (
+        getattr(conv_kern, "WINDOW_CODES", False) if fused is not None else not keeps_pre)
+    indices = torch.empty_like(out, dtype=torch.uint8 if codes else torch.int64)
     pre = torch.empty_like(out) if keeps_pre else None
     code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
-    fused = getattr(conv_kern, "conv2d_maxpool2d_forward", None)
     if fused is not None:
         fused(x, weight, bias, out, indices, pre, geometry.out_hw, *geometry.kernel_args, code,
               param)

@@ -18,9 +18,11 @@ import torch
 from brainkern.activations import NONE
 from brainkern.activations import saves_output as _saves_output
 from brainkern.kernels.native import core as _native
+from brainkern.kernels.native.pool import _indices_or_codes, codes_to_indices_2x2
 
 DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64)
+WINDOW_CODES = True  # conv2d_maxpool2d_forward takes uint8 window codes for indices
 
 _F32, _F64 = torch.float32, torch.float64
 _CHANNELS_LAST = torch.channels_last
@@ -77,16 +79,17 @@ def conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride
     x, weight, bias, stride, padding, dilation, groups as :func:`conv2d_forward`. conv_hw:
     (H_c, W_c) >= (2, 2), the conv output's size. out, pre: (N, C_out, H_c // 2, W_c // 2) in
     x's format (pre may be None); indices: int64, out's shape and format, the winning tap's
-    flat ``h * W_c + w``; pre: the pre-activation at that tap. In C++ every chunk of conv
-    outputs is pooled while in cache; float64 composes Numba's conv and pool over a full-size
-    scratch output.
+    flat ``h * W_c + w``, or uint8 window codes (``WINDOW_CODES``), its place ``2u + v`` in
+    its window; pre: the pre-activation at that tap. In C++ every chunk of conv outputs is
+    pooled while in cache; float64 composes Numba's conv and pool over a full-size scratch
+    output.
     """
     if x.dtype is _F64:
         _compose_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
                                    dilation, groups, act_code, act_param)
         return
     _native().conv2d_maxpool2d_forward(
-        x.data_ptr(), weight.data_ptr(), _ptr(bias), out.data_ptr(), indices.data_ptr(),
+        x.data_ptr(), weight.data_ptr(), _ptr(bias), out.data_ptr(), *_indices_or_codes(indices),
         _ptr(pre), (*x.shape, weight.shape[0], *conv_hw, *weight.shape[2:], *stride, *padding,
                     *dilation, groups),
         _is_nhwc(x, out, indices), act_code, act_param, _threads(num_threads), isa or "")
@@ -105,7 +108,8 @@ def _compose_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stri
                               act_code, act_param)
     numba_pool.max_pool2d_forward(full, out, indices, (2, 2), (2, 2), (0, 0), (1, 1))
     if pre is not None:
-        pre.copy_(full_pre.flatten(2).gather(2, indices.flatten(2)).view_as(pre))
+        taps = indices if indices.dtype is torch.int64 else codes_to_indices_2x2(indices, conv_hw[1])
+        pre.copy_(full_pre.flatten(2).gather(2, taps.flatten(2)).view_as(pre))
 
 
 def conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
@@ -204,9 +208,9 @@ def check_conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, 
     n, c_in = _check_4d(name, "x", x)[:2]
     c_out = _check_weight(name, weight, c_in, groups)
     _check_vector(name, "bias", bias, c_out)
-    if indices.dtype is not torch.int64 or not indices.is_cpu:
-        raise TypeError(f"native {name}: indices must be int64 on the CPU, got {indices.dtype} "
-                        f"on {indices.device}")
+    if indices.dtype not in (torch.int64, torch.uint8) or not indices.is_cpu:
+        raise TypeError(f"native {name}: indices must be int64 (or uint8 window codes) on the "
+                        f"CPU, got {indices.dtype} on {indices.device}")
     _check_layouts(name, x, out, indices, pre)
     pooled = (n, c_out, conv_hw[0] // 2, conv_hw[1] // 2)
     for label, t in (("out", out), ("indices", indices), ("pre", pre)):

@@ -53,6 +53,15 @@ def _shape_and_layout(x, out, *others):
     return (*x.shape, *out.shape[2:]), nhwc
 
 
+def codes_to_indices_2x2(codes, width):
+    """torch's flat indices ``h * width + w`` of the taps that 2x2 windows of stride 2 name by
+    their window codes ``2u + v`` (codes: (..., H, W) uint8; the pooled input ``width`` wide)."""
+    rows = torch.arange(codes.shape[-2], device=codes.device).mul_(2).unsqueeze(1)
+    cols = torch.arange(codes.shape[-1], device=codes.device).mul_(2)
+    taps = codes.to(torch.int64)
+    return (rows + taps.div(2, rounding_mode="floor")) * width + cols + taps.remainder(2)
+
+
 def _indices_or_codes(indices) -> tuple:
     """(int64 indices address, uint8 codes address): the given tensor's, 0 for the other."""
     if indices is None:
