@@ -213,6 +213,27 @@ void conv2d_activation_backward(uintptr_t grad_out, const std::array<int64_t, 4>
   bk::conv2d_activation_backward(kernels, a, num_threads);
 }
 
+void conv2d_activation_backward_weight(uintptr_t grad_out, uintptr_t saved, uintptr_t x,
+                                       uintptr_t grad_w, uintptr_t grad_bias,
+                                       const ConvShape& shape, bool nhwc, int act_code,
+                                       float act_param, int num_threads, const std::string& isa) {
+  const char* fn = "conv2d_activation_backward_weight";
+  const bk::ConvGeometry c = conv_geometry(fn, shape, nhwc);
+  require(act_code > bk::kNone && act_code < bk::kActivationCount, fn,
+          "unknown activation code (NONE included: it has no backward here)");
+  require_threads(fn, num_threads);
+  require(grad_w != 0 || c.c_out * c.c_in == 0, fn, "grad_w is null");
+  require((grad_out != 0 && saved != 0 && x != 0) ||
+              c.n * c.c_in * c.h * c.w * c.c_out * c.h_out * c.w_out == 0,
+          fn, "null tensor");
+  const bk::IsaKernels& kernels = bk::isa_kernels(isa);
+  py::gil_scoped_release release;
+  bk::conv2d_activation_backward_weight(
+      kernels, c, reinterpret_cast<const float*>(grad_out), reinterpret_cast<const float*>(saved),
+      reinterpret_cast<const float*>(x), reinterpret_cast<float*>(grad_w),
+      reinterpret_cast<float*>(grad_bias), act_code, act_param, num_threads);
+}
+
 // Pooling of x (n, c, h, w) into (n, c, ho, wo) by 2x2 windows of stride 2.
 using PoolShape = std::array<int64_t, 6>;
 
@@ -401,6 +422,15 @@ conv2d_forward; grad_w (c_out, c_in / groups, kh, kw) contiguous.)doc");
 grad_out: (n, c, h, w) with the given element strides; saved, grad_pre contiguous NCHW, or
 NHWC when nhwc; grad_bias (c,) floats summed in double, the same on any num_threads. act_code
 not NONE. The GIL is released meanwhile.)doc");
+  m.def("conv2d_activation_backward_weight", &conv2d_activation_backward_weight,
+        py::arg("grad_out"), py::arg("saved"), py::arg("x"), py::arg("grad_w"),
+        py::arg("grad_bias"), py::arg("shape"), py::arg("nhwc"), py::arg("act_code"),
+        py::arg("act_param"), py::arg("num_threads"), py::arg("isa") = "",
+        R"doc(conv2d_activation_backward then conv2d_backward_weight, grad_pre never stored.
+
+grad_out, saved: the conv output's shape, contiguous in x's layout; x, grad_w, shape and nhwc
+as conv2d_backward_weight's; grad_bias (c_out,) or 0, summed in double, the same on any
+num_threads; act_code not NONE. The GIL is released meanwhile.)doc");
   m.def("max_pool2x2_forward", &max_pool2x2_forward, py::arg("x"), py::arg("out"),
         py::arg("indices"), py::arg("codes"), py::arg("shape"), py::arg("nhwc"),
         py::arg("num_threads"), py::arg("isa") = "",

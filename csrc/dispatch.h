@@ -57,6 +57,13 @@ void conv2d_backward_weight(const IsaKernels& isa, const ConvGeometry& c, const 
                             const float* x, float* grad_w, int threads);
 void conv2d_activation_backward(const IsaKernels& isa, const ConvActBackwardArgs& a,
                                 int threads);
+// conv2d_activation_backward then conv2d_backward_weight, with grad_out and saved contiguous in
+// c's layout (c_out channels), without storing grad_pre: thin stride-1 layers (the stems, whose
+// input needs no gradient) compute each image's dz where the weight gradient reads it.
+void conv2d_activation_backward_weight(const IsaKernels& isa, const ConvGeometry& c,
+                                       const float* grad_out, const float* saved, const float* x,
+                                       float* grad_w, float* grad_bias, int act, float act_param,
+                                       int threads);
 // Bytes the calling thread's conv buffers hold between calls (each at most 4 MB).
 size_t conv_scratch_bytes();
 // The fused conv block: c describes the convolution (h_out, w_out: its full output, never

@@ -97,6 +97,31 @@ def test_conv2d_activations(backend, activation, with_bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [1, 0, 5], ids=["stem", "rgb", "strided"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_conv2d_without_input_gradient(backend, dtype, case, fmt):
+    """A stem: only the weight and bias want gradients (backends that fuse the activation
+    backward into the weight gradient do so here), with and without a bias."""
+    c_in, c_out, k, s, p, d, g, h, w = CONV_CASES[case]
+    dev = device_of(backend)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(3, c_in, h, w, dtype=dtype, device=dev).contiguous(memory_format=fmt)
+    weight = torch.randn(c_out, c_in // g, kh, kw, dtype=dtype, device=dev, requires_grad=True)
+    bias = torch.randn(c_out, dtype=dtype, device=dev, requires_grad=True)
+    for activation, act in (("silu", F.silu), (torch.nn.LeakyReLU(0.2), torch.nn.LeakyReLU(0.2))):
+        y, _ = compare(backend, lambda *t: BF.conv2d(x, *t, s, p, d, g, activation=activation),
+                       lambda *t: act(F.conv2d(x.double(), *t, s, p, d, g)), [weight, bias],
+                       dtype, f"stem {case} {activation}")
+        torch_y = F.conv2d(x, weight.detach(), None, s, p, d, g)  # the layout torch picks
+        assert y.is_contiguous(memory_format=CL) == torch_y.is_contiguous(memory_format=CL)
+        assert y.is_contiguous() == torch_y.is_contiguous()
+        compare(backend, lambda t: BF.conv2d(x, t, None, s, p, d, g, activation=activation),
+                lambda t: act(F.conv2d(x.double(), t, None, s, p, d, g)), [weight], dtype,
+                f"stem {case} {activation}, no bias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "weight_channels_last"])
 def test_conv2d_layouts_follow_torch(backend, layout):
     dev = device_of(backend)

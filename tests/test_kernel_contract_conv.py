@@ -32,6 +32,7 @@ from contract import (
     check_conv_forward,
     check_input_gradient,
     conv2d_reference,
+    conv2d_weight_reference,
     conv_operands,
     derivative_scale,
     finite_magnitude,
@@ -202,7 +203,10 @@ def test_conv2d_gradients_dtypes(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("backend", CONV)
 def test_backward_weight_nan_and_inf(backend, dtype):
-    for layer, fmt in zip((CONV_LAYERS[0], CONV_LAYERS[5], CONV_LAYERS[8]), (NHWC, NCHW, NHWC)):
+    # The stems in both layouts: an input tap past a row's end meets no output (a vector
+    # kernel must not multiply it by a zero dz).
+    for layer, fmt in zip((CONV_LAYERS[0], CONV_LAYERS[1], CONV_LAYERS[5], CONV_LAYERS[8]),
+                          (NHWC, NCHW, NCHW, NHWC)):
         check_backward_weight(backend, layer, dtype, fmt, specials=True)
 
 
@@ -297,6 +301,49 @@ def test_empty_reduction_gives_activation_of_bias(backend, transposed):
         check_conv_forward(backend, layer, transposed, ACTIVATIONS[6], torch.float32, fmt)
         check_conv_forward(backend, layer, transposed, ACTIVATIONS[4], torch.float32, fmt,
                            bias=False, with_pre=False)
+
+
+# Activation backward fused into the weight gradient: where a backend has it ----------------
+
+FUSED_WEIGHT = [param for param in CONV
+                if hasattr(kernels(param.values[0], "conv"), "conv2d_activation_backward_weight")] or [
+    pytest.param(None, marks=pytest.mark.skip(
+        reason="no backend here has the optional conv2d_activation_backward_weight"))]
+# Thin stride-1 layers (1 and 3 channels: the stems' direct kernels), a dilated one with an
+# output past the natural size, and layers the kernel composes (strided, grouped, wide).
+FUSED_WEIGHT_LAYERS = [CONV_LAYERS[1], CONV_LAYERS[0],
+                       Layer(3, 2, 17, (11, 13), (3, 5), padding=(2, 1), dilation=(2, 1),
+                             extra=(1, 0)),
+                       CONV_LAYERS[2], CONV_LAYERS[9], CONV_LAYERS[7]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act", BACKWARD_ACTIVATIONS, ids=BACKWARD_ACT_IDS)
+@pytest.mark.parametrize("backend", FUSED_WEIGHT)
+def test_conv2d_activation_backward_weight(backend, act, fmt, dtype):
+    """grad_weight and grad_bias of dz = grad_out * act'(saved), against torch's float64 weight
+    gradient of dz, on poisoned outputs; batch 0 writes zeros."""
+    kern = kernels(backend, "conv")
+    for i, layer in enumerate(FUSED_WEIGHT_LAYERS + [Layer(0, 1, 4, (8, 8), (5, 5), (1, 1),
+                                                           (2, 2))]):
+        x = randn_in((layer.n, layer.c_x, *layer.hw), backend, dtype, fmt)
+        shape = (layer.n, layer.c_out, *layer.out_hw(False))
+        saved = saved_for(act, 2 * randn_in(shape, backend, dtype, fmt))
+        grad_out = randn_in(shape, backend, dtype, fmt)
+        grad_weight = poisoned_in(layer.weight_shape(False), x)
+        grad_bias = poisoned_in((layer.c_out,), x) if i % 2 == 0 else None
+        kern.conv2d_activation_backward_weight(grad_out, saved, x, grad_weight, grad_bias,
+                                               *layer.params(), act.code, act.param,
+                                               act.saves_output)
+        dz = grad_out.double().cpu() * act.derivative(saved.double().cpu())
+        dz_scale = derivative_scale(act, grad_out, saved)
+        ref = conv2d_weight_reference(dz, x, grad_weight.shape, *layer.params())
+        scale = conv2d_weight_reference(dz_scale, finite_magnitude(x), grad_weight.shape,
+                                        *layer.params())
+        check(grad_weight, ref, dtype, f"grad_weight {layer_id(layer)}", scale)
+        if grad_bias is not None:
+            check(grad_bias, dz.sum((0, 2, 3)), dtype, "grad_bias", dz_scale.sum((0, 2, 3)))
 
 
 # Fused conv block: where a backend has conv2d_maxpool2d_forward ------------------------------

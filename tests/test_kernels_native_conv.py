@@ -279,6 +279,46 @@ def test_bias_gradient_is_the_same_on_any_thread_count(fmt):
     assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [6, 11, 0, 7], ids=["stem", "dilated", "rgb", "strided"])
+@pytest.mark.parametrize("code, param", [(A.RELU, 0.0), (A.LEAKY_RELU, -0.2), (A.SILU, 0.0)])
+def test_conv2d_activation_backward_weight(isa, fmt, case, code, param):
+    """The activation backward fused into the weight gradient (stride-1 thin layers: dz made
+    an image at a time; the strided RGB stem: the two kernels composed) against float64, and
+    the weight gradient bit for bit the composed kernels' (the same dz into the same direct
+    kernel), on 19 images (several in each part of the sum) and any thread count."""
+    runs_here(isa)
+    x, w, _, params = inputs(CASES[case], n=19)
+    x = x.contiguous(memory_format=fmt)
+    z = torch.randn(19, w.shape[0], *out_size(CASES[case]), dtype=torch.float64) * 3
+    saved, d = saved_and_reference(z, code, param)
+    saved = saved.contiguous(memory_format=fmt)
+    grad_out = torch.randn(z.shape).contiguous(memory_format=fmt)
+    saves = A.saves_output(code, param)
+    runs = []
+    for threads in (1, 2, 3):
+        grad_w, grad_b = torch.full(w.shape, float("nan")), torch.full((w.shape[0],), float("nan"))
+        call("conv2d_activation_backward_weight", grad_out, saved, x, grad_w, grad_b, *params,
+             code, param, saves, isa=isa, num_threads=threads)
+        runs.append((grad_w, grad_b))
+    for grad_w, grad_b in runs[1:]:
+        assert torch.equal(grad_w, runs[0][0]) and torch.equal(grad_b, runs[0][1])
+    grad_w, grad_b = runs[0]
+    dz = grad_out.double() * d
+    scale = grad_out.double().abs() * d.abs()
+    assert_close(grad_w, weight_grad_reference(dz, x.double(), w.shape, *params), torch.float32,
+                 what="grad_w", scale=weight_grad_reference(scale, x.double().abs(), w.shape,
+                                                            *params))
+    assert_close(grad_b, dz.sum((0, 2, 3)), torch.float32, what="grad_b",
+                 scale=scale.sum((0, 2, 3)))
+    grad_pre, composed = poisoned_like(z.shape, fmt), torch.full(w.shape, float("nan"))
+    call("conv2d_activation_backward", grad_out, saved, grad_pre, None, code, param, saves,
+         isa=isa)
+    call("conv2d_backward_weight", grad_pre, x, composed, *params, isa=isa)
+    assert torch.equal(grad_w, composed)
+
+
 BLOCK_ACTIVATIONS = [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, -0.2), (A.GELU, 0.0)]
 
 

@@ -102,6 +102,16 @@ written but grad_weight, set to 0).
     same pass, reduced in at least float32, with the same result on any thread count.
     act_code != NONE (without an activation the ops layer sums grad_out itself).
 
+Optionally, a backend fuses the activation backward into the weight gradient, for layers whose
+input needs no gradient (a network's stem: dz is then read by the weight gradient alone):
+
+``conv2d_activation_backward_weight(grad_out, saved, x, grad_weight, grad_bias, stride,
+                                    padding, dilation, groups, act_code, act_param,
+                                    saved_is_output) -> None``
+    grad_out and saved contiguous in x's format; the same results as
+    conv2d_activation_backward into a grad_pre followed by conv2d_backward_weight(grad_pre,
+    x, ...), with no grad_pre stored.
+
 Optionally, a backend fuses the conv block (brainkern/ops/conv_block.py) into one kernel:
 
 ``conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,

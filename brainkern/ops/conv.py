@@ -73,6 +73,15 @@ def _backward(kern, grad_out, x, weight, saved, geometry: ConvGeometry, act, fmt
     """Gradients (x, weight, bias), each None where ``needs`` says it is not wanted: see
     FusedConv2d's docstring."""
     need_x, need_w, need_b = needs
+    fused = getattr(kern, "conv2d_activation_backward_weight", None)
+    if fused is not None and act is not None and need_w and not need_x and not geometry.transposed:
+        # A stem: dz feeds the weight gradient alone, which computes it where it reads it.
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        grad_w = torch.empty_like(weight)
+        grad_b = grad_out.new_empty(grad_out.shape[1]) if need_b else None
+        fused(grad_out, saved, x, grad_w, grad_b, *geometry.kernel_args, act.code, act.param,
+              act.saves_output)
+        return None, grad_w, grad_b
     grad_pre, grad_b = activation_backward(kern, grad_out, saved, act, need_b, fmt)
     return (*linear_backward(kern, grad_pre, x, weight, geometry, need_x, need_w), grad_b)
 

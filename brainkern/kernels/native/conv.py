@@ -172,6 +172,29 @@ def conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, a
         _threads(num_threads), isa or "")
 
 
+def conv2d_activation_backward_weight(grad_out, saved, x, grad_weight, grad_bias, stride,
+                                      padding, dilation, groups, act_code, act_param,
+                                      saved_is_output, *, isa=None, num_threads=None):
+    """:func:`conv2d_activation_backward` then :func:`conv2d_backward_weight`, ``grad_pre``
+    never stored: for a convolution whose input needs no gradient (a network's stem).
+
+    grad_out, saved: (N, C_out, H_out, W_out) contiguous in x's format; the rest as those two
+    kernels take them. In C++ thin stride-1 layers compute each image's dz into an L2-sized
+    buffer right before the direct weight-gradient kernel reads it; other layers compose the
+    two kernels; float64 composes Numba's.
+    """
+    if x.dtype is _F64:
+        grad_pre = torch.empty_like(saved)
+        conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act_code, act_param,
+                                   saved_is_output)
+        conv2d_backward_weight(grad_pre, x, grad_weight, stride, padding, dilation, groups)
+        return
+    _native().conv2d_activation_backward_weight(
+        grad_out.data_ptr(), saved.data_ptr(), x.data_ptr(), grad_weight.data_ptr(),
+        _ptr(grad_bias), _shape(x, saved, grad_weight, stride, padding, dilation, groups),
+        _is_nhwc(grad_out, saved, x), act_code, act_param, _threads(num_threads), isa or "")
+
+
 # ---- argument checks: what the C++ core cannot see from addresses ----
 
 def check_conv2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
@@ -279,6 +302,20 @@ def check_conv2d_activation_backward(grad_out, saved, grad_pre, grad_bias, act_c
                          f"{tuple(saved.shape)} and grad_pre {tuple(shape)} must be one shape")
     _check_layouts(name, saved, grad_pre)
     _check_vector(name, "grad_bias", grad_bias, shape[1])
+
+
+def check_conv2d_activation_backward_weight(grad_out, saved, x, grad_weight, grad_bias, stride,
+                                            padding, dilation, groups, act_code, act_param,
+                                            saved_is_output) -> None:
+    """Raise a TypeError/ValueError if :func:`conv2d_activation_backward_weight` cannot run
+    these."""
+    name = "conv2d_activation_backward_weight"
+    check_conv2d_activation_backward(grad_out, saved, saved, grad_bias, act_code, act_param,
+                                     saved_is_output)
+    check_conv2d_backward_weight(saved, x, grad_weight, stride, padding, dilation, groups)
+    if x.dtype is not _F64 and not (grad_out.is_contiguous(memory_format=_CHANNELS_LAST)
+                                    if _is_nhwc(saved, x) else grad_out.is_contiguous()):
+        raise ValueError(f"native {name}: grad_out must be contiguous in x's format")
 
 
 def _check_float32_cpu(kernel, *tensors) -> None:
