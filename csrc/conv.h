@@ -72,6 +72,20 @@ struct ImplicitWeightGrad {
 
 // The pieces of the convolutions that run per ISA; the drivers (conv_dispatch.inc) cut the work
 // into chunks of output pixels and call these and the GEMM on them.
+// Winograd F(2x2, 3x3)'s output transform (conv.h's ConvKernels::winograd_output): tiles
+// [t0, t1) of an image tiles_w tiles wide, tile t's 16 transformed sums (element e = 4 i + j) at
+// m[e * m_step + (t - t0) * ldm + co]; its 2x2 outputs (those inside h_out x w_out) + bias
+// (or none), pre (when not null) and act into the image's NHWC out.
+struct WinogradOut {
+  const float* m;
+  int64_t m_step, ldm, t0, t1, tiles_w, c_out, h_out, w_out;
+  const float* bias;
+  int act;
+  float act_param;
+  float* out;
+  float* pre;
+};
+
 struct ConvKernels {
   // NCHW: cols[k * rows + r] for k = (ci, i, j) of group g (weight's own order) and output
   // pixel p0 + r of image `image` (r < rows, p0 + rows <= h_out * w_out): the input tap, or 0.
@@ -128,6 +142,13 @@ struct ConvKernels {
   void (*implicit_conv)(const ImplicitConv& a);
   void (*implicit_weight_grad)(const ImplicitWeightGrad& a);
   int64_t implicit_group;
+  // Winograd F(2x2, 3x3) (winograd.inc), NHWC: the transformed 4x4 input patches of tiles
+  // [0, tiles) of a padded block (wp pixels a row of c_in channels; tile t at row 2 (t /
+  // tiles_w), column 2 (t % tiles_w)) into v[e * v_step + t * c_in + ci], e = 4 i + j; and the
+  // inverse transform with the epilogue (WinogradOut).
+  void (*winograd_input)(const float* xpad, int64_t wp, int64_t c_in, int64_t tiles_w,
+                         int64_t tiles, float* v, int64_t v_step);
+  void (*winograd_output)(const WinogradOut& o);
 };
 
 constexpr int64_t kDirectChannels = 8;

@@ -67,6 +67,12 @@ CASES = [
     # go through a scratch tile; one image (split between threads) and several
     (1, 16, 32, (10, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
     (3, 16, 64, (11, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
+    # 3x3 stride 1, 16+ channels each way: Winograd F(2x2, 3x3) in NHWC (forward and the
+    # stride-1 transposed forward), channels not a multiple of the vector, odd output sizes
+    # (tiles cut at the edge), no padding and more of it, outputs past torch's and short of it
+    (2, 20, 33, (9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
+    (1, 17, 16, (6, 13), (3, 3), (1, 1), (0, 2), (1, 1), 1, (1, -1)),
+    (2, 48, 24, (5, 4), (3, 3), (1, 1), (2, 1), (1, 1), 1, (0, 1)),
     # one input channel, strided (a DCGAN's last layer, transposed): NHWC bias + activation
     # over a single contiguous column
     (2, 1, 8, (10, 9), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
