@@ -72,11 +72,12 @@ struct ImplicitWeightGrad {
 
 // The pieces of the convolutions that run per ISA; the drivers (conv_dispatch.inc) cut the work
 // into chunks of output pixels and call these and the GEMM on them.
-// Winograd F(2x2, 3x3)'s output transform (conv.h's ConvKernels::winograd_output): tiles
-// [t0, t1) of an image tiles_w tiles wide, tile t's 16 transformed sums (element e = 4 i + j) at
-// m[e * m_step + (t - t0) * ldm + co]; its 2x2 outputs (those inside h_out x w_out) + bias
+// Winograd F(2x2, r x r)'s output transform (ConvKernels::winograd_output), a = r + 1: tiles
+// [t0, t1) of an image tiles_w tiles wide, tile t's a^2 transformed sums (element e = a i + j)
+// at m[e * m_step + (t - t0) * ldm + co]; its 2x2 outputs (those inside h_out x w_out) + bias
 // (or none), pre (when not null) and act into the image's NHWC out.
 struct WinogradOut {
+  int r;
   const float* m;
   int64_t m_step, ldm, t0, t1, tiles_w, c_out, h_out, w_out;
   const float* bias;
@@ -142,11 +143,12 @@ struct ConvKernels {
   void (*implicit_conv)(const ImplicitConv& a);
   void (*implicit_weight_grad)(const ImplicitWeightGrad& a);
   int64_t implicit_group;
-  // Winograd F(2x2, 3x3) (winograd.inc), NHWC: the transformed 4x4 input patches of tiles
-  // [0, tiles) of a padded block (wp pixels a row of c_in channels; tile t at row 2 (t /
-  // tiles_w), column 2 (t % tiles_w)) into v[e * v_step + t * c_in + ci], e = 4 i + j; and the
-  // inverse transform with the epilogue (WinogradOut).
-  void (*winograd_input)(const float* xpad, int64_t wp, int64_t c_in, int64_t tiles_w,
+  // Winograd F(2x2, r x r) for r = 3 or 5 (winograd.inc), NHWC, a = r + 1: the transformed
+  // a x a input patches of tiles [0, tiles) of a padded block (wp pixels a row of c_in
+  // channels; tile t at row 2 (t / tiles_w), column 2 (t % tiles_w)) into
+  // v[e * v_step + t * c_in + ci], e = a i + j, returning whether all of them are finite; and
+  // the inverse transform with the epilogue (WinogradOut).
+  bool (*winograd_input)(int r, const float* xpad, int64_t wp, int64_t c_in, int64_t tiles_w,
                          int64_t tiles, float* v, int64_t v_step);
   void (*winograd_output)(const WinogradOut& o);
 };

@@ -153,6 +153,43 @@ def test_conv2d_forward(isa, fmt, case):
                      scale=scale)
 
 
+WINOGRAD_CASES = [CASES[10], CASES[16], CASES[25], CASES[26], CASES[27]]  # 3x3 and 5x5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("where", ["x", "weight"])
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
+def test_winograd_layers_keep_torchs_infinities(isa, where, case):
+    """Winograd's transforms mix a tile's inputs (an infinity there would make the tile's
+    outputs NaN where torch's sum keeps the infinity): with an inf or NaN in x or the weight,
+    the forward (and, with them in dz, the stride-1 input gradient) falls back to the direct
+    sum, NaN and infinities exactly where torch's are, the finite outputs as accurate."""
+    runs_here(isa)
+    x, w, b, params = inputs(case)
+    special = x if where == "x" else w
+    special.view(-1)[torch.randperm(special.numel())[:3]] = torch.tensor(
+        [float("inf"), float("-inf"), float("nan")])
+    nhwc = torch.channels_last
+    shape = (x.shape[0], w.shape[0], *out_size(case))
+    out = poisoned_like(shape, nhwc)
+    call("conv2d_forward", x.contiguous(memory_format=nhwc), w, b, out, None, *params, A.NONE,
+         0.0, isa=isa)
+    z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
+    assert torch.equal(out.isnan(), z.isnan()) and torch.equal(out.isinf(), z.isinf())
+    assert torch.equal(out[out.isinf()], z[z.isinf()].float())
+    scale = reference_conv(x.double().abs().nan_to_num(0, 0, 0), w.double().abs().nan_to_num(
+        0, 0, 0), *params, shape[2:]) + b.double().abs()[:, None, None]
+    assert_close(out, z, torch.float32, what="out", scale=scale)
+    if where == "x" and params[1][0] <= 2 * (w.shape[2] // 2):  # the adjoint runs Winograd
+        g = torch.randn(shape)  # the adjoint's input is dz: the specials go there
+        g.view(-1)[torch.randperm(g.numel())[:2]] = torch.tensor([float("inf"), float("nan")])
+        gx = poisoned_like(x.shape, nhwc)
+        call("conv_transpose2d_forward", g.contiguous(memory_format=nhwc), w, None, gx, None,
+             *params, A.NONE, 0.0, isa=isa)
+        ref = transpose_reference(g, w, *params, x.shape)
+        assert torch.equal(gx.isnan(), ref.isnan()) and torch.equal(gx.isinf(), ref.isinf())
+
+
 def transpose_reference(x, w, stride, padding, dilation, groups, out_shape):
     """The adjoint of reference_conv from out_shape to x's shape, by float64 autograd."""
     target = torch.zeros(out_shape, dtype=torch.float64, requires_grad=True)
