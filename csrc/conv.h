@@ -75,11 +75,12 @@ struct ImplicitWeightGrad {
 // Winograd F(2x2, r x r)'s output transform (ConvKernels::winograd_output), a = r + 1: tiles
 // [t0, t1) of an image tiles_w tiles wide, tile t's a^2 transformed sums (element e = a i + j)
 // at m[e * m_step + (t - t0) * ldm + co]; its 2x2 outputs (those inside h_out x w_out) + bias
-// (or none), pre (when not null) and act into the image's NHWC out.
+// (or none), pre (when not null) and act into the image's NHWC out, whose first row is output
+// row row0.
 struct WinogradOut {
   int r;
   const float* m;
-  int64_t m_step, ldm, t0, t1, tiles_w, c_out, h_out, w_out;
+  int64_t m_step, ldm, t0, t1, tiles_w, c_out, h_out, w_out, row0;
   const float* bias;
   int act;
   float act_param;

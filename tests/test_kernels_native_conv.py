@@ -73,6 +73,9 @@ CASES = [
     (2, 20, 33, (9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
     (1, 17, 16, (6, 13), (3, 3), (1, 1), (0, 2), (1, 1), 1, (1, -1)),
     (2, 48, 24, (5, 4), (3, 3), (1, 1), (2, 1), (1, 1), 1, (0, 1)),
+    # images of several runs of tile rows (each its own work item, padding its own input rows)
+    (1, 40, 24, (12, 64), (5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0)),
+    (1, 64, 64, (30, 62), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
     # one input channel, strided (a DCGAN's last layer, transposed): NHWC bias + activation
     # over a single contiguous column
     (2, 1, 8, (10, 9), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
@@ -153,7 +156,8 @@ def test_conv2d_forward(isa, fmt, case):
                      scale=scale)
 
 
-WINOGRAD_CASES = [CASES[10], CASES[16], CASES[25], CASES[26], CASES[27]]  # 3x3 and 5x5
+WINOGRAD_CASES = [CASES[10], CASES[16], CASES[25], CASES[26], CASES[27], CASES[28],
+                  CASES[29]]  # 3x3 and 5x5
 
 
 @pytest.mark.parametrize("isa", ISAS)
