@@ -161,9 +161,10 @@ WINOGRAD_CASES = [CASES[10], CASES[16], CASES[25], CASES[26], CASES[27], CASES[2
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("where", ["x", "weight"])
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
-def test_winograd_layers_keep_torchs_infinities(isa, where, case):
+def test_winograd_layers_keep_torchs_infinities(isa, fmt, where, case):
     """Winograd's transforms mix a tile's inputs (an infinity there would make the tile's
     outputs NaN where torch's sum keeps the infinity): with an inf or NaN in x or the weight,
     the forward (and, with them in dz, the stride-1 input gradient) falls back to the direct
@@ -173,10 +174,9 @@ def test_winograd_layers_keep_torchs_infinities(isa, where, case):
     special = x if where == "x" else w
     special.view(-1)[torch.randperm(special.numel())[:3]] = torch.tensor(
         [float("inf"), float("-inf"), float("nan")])
-    nhwc = torch.channels_last
     shape = (x.shape[0], w.shape[0], *out_size(case))
-    out = poisoned_like(shape, nhwc)
-    call("conv2d_forward", x.contiguous(memory_format=nhwc), w, b, out, None, *params, A.NONE,
+    out = poisoned_like(shape, fmt)
+    call("conv2d_forward", x.contiguous(memory_format=fmt), w, b, out, None, *params, A.NONE,
          0.0, isa=isa)
     z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
     assert torch.equal(out.isnan(), z.isnan()) and torch.equal(out.isinf(), z.isinf())
@@ -187,8 +187,8 @@ def test_winograd_layers_keep_torchs_infinities(isa, where, case):
     if where == "x" and params[1][0] <= 2 * (w.shape[2] // 2):  # the adjoint runs Winograd
         g = torch.randn(shape)  # the adjoint's input is dz: the specials go there
         g.view(-1)[torch.randperm(g.numel())[:2]] = torch.tensor([float("inf"), float("nan")])
-        gx = poisoned_like(x.shape, nhwc)
-        call("conv_transpose2d_forward", g.contiguous(memory_format=nhwc), w, None, gx, None,
+        gx = poisoned_like(x.shape, fmt)
+        call("conv_transpose2d_forward", g.contiguous(memory_format=fmt), w, None, gx, None,
              *params, A.NONE, 0.0, isa=isa)
         ref = transpose_reference(g, w, *params, x.shape)
         assert torch.equal(gx.isnan(), ref.isnan()) and torch.equal(gx.isinf(), ref.isinf())
