@@ -160,11 +160,17 @@ WINOGRAD_CASES = [CASES[10], CASES[16], CASES[25], CASES[26], CASES[27], CASES[2
                   CASES[29]]  # 3x3 and 5x5
 
 
+@pytest.fixture
+def winograd_all(monkeypatch):
+    """Winograd for 5x5 layers too (off by default: see csrc/conv_dispatch.inc)."""
+    monkeypatch.setenv("BRAINKERN_WINOGRAD", "all")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("where", ["x", "weight"])
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
-def test_winograd_layers_keep_torchs_infinities(isa, fmt, where, case):
+def test_winograd_layers_keep_torchs_infinities(winograd_all, isa, fmt, where, case):
     """Winograd's transforms mix a tile's inputs (an infinity there would make the tile's
     outputs NaN where torch's sum keeps the infinity): with an inf or NaN in x or the weight,
     the forward (and, with them in dz, the stride-1 input gradient) falls back to the direct
@@ -192,6 +198,41 @@ def test_winograd_layers_keep_torchs_infinities(isa, fmt, where, case):
              *params, A.NONE, 0.0, isa=isa)
         ref = transpose_reference(g, w, *params, x.shape)
         assert torch.equal(gx.isnan(), ref.isnan()) and torch.equal(gx.isinf(), ref.isinf())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [CASES[10], CASES[28]], ids=["5x5", "5x5-row-runs"])
+def test_winograd_5x5_when_asked_for(winograd_all, isa, fmt, case):
+    """BRAINKERN_WINOGRAD=all: the 5x5 layers' forward, stride-1 input gradient and fused
+    block through F(2x2, 5x5), as accurate as the contract asks."""
+    test_conv2d_forward(isa, fmt, case)
+    test_conv_transpose2d_forward(isa, fmt, case)
+    for code, param in BLOCK_ACTIVATIONS:
+        test_conv2d_maxpool2d_forward(isa, fmt, case, code, param)
+
+
+@pytest.mark.parametrize("mode", ["0", "all"])
+def test_winograd_switch(monkeypatch, mode):
+    """BRAINKERN_WINOGRAD (read at every call) picks the path: the 3x3 layer's sums differ in
+    their last bits between Winograd and the implicit GEMM, and each is accurate."""
+    built()
+    x, w, b, params = inputs(CASES[16])
+    x = x.contiguous(memory_format=torch.channels_last)
+    shape = (x.shape[0], w.shape[0], *out_size(CASES[16]))
+    outs = []
+    for env in (None, mode):
+        if env is None:
+            monkeypatch.delenv("BRAINKERN_WINOGRAD", raising=False)
+        else:
+            monkeypatch.setenv("BRAINKERN_WINOGRAD", env)
+        out = poisoned_like(shape, torch.channels_last)
+        call("conv2d_forward", x, w, b, out, None, *params, A.NONE, 0.0)
+        outs.append(out)
+    z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
+    for out in outs:
+        assert_close(out, z, torch.float32, what="out")
+    assert torch.equal(outs[0], outs[1]) == (mode == "all")  # the default runs 3x3 already
 
 
 def transpose_reference(x, w, stride, padding, dilation, groups, out_shape):
