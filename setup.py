@@ -22,7 +22,8 @@ ISA_FLAGS = {
     "isa_avx2.cpp": ["-mavx2", "-mfma"],
 }
 
-SOURCES = ["bindings.cpp", "dispatch.cpp", "thread_pool.cpp", "isa_portable.cpp"]
+SOURCES = ["bindings.cpp", "bindings_conv.cpp", "bindings_pool.cpp", "dispatch.cpp",
+           "thread_pool.cpp", "isa_portable.cpp"]
 if X86:
     SOURCES += sorted(ISA_FLAGS)
 
