@@ -125,11 +125,13 @@ struct ConvKernels {
                                    float* dx, int64_t n0, int64_t n1);
   void (*depthwise_backward_weight)(const ConvGeometry& c, const float* dz, const float* x,
                                     float* acc, int64_t n0, int64_t n1);
-  // Direct stride-1 convolution of one image for thin NCHW layers (groups 1, a few input
-  // channels), vectorised over the output pixels of a row: a reduction of kh * kw * c_in cannot
-  // fill a GEMM's register tile, but each input vector feeds kDirectChannels output channels.
+  // Direct stride-1 convolution of one image for thin NCHW layers (groups 1, a few input or
+  // output channels), vectorised over the output pixels of a row: a reduction of kh * kw * c_in
+  // cannot fill a GEMM's register tile, but each input vector feeds kDirectChannels output
+  // channels; nor can a few output channels, whose rows share the loaded taps instead.
   // padded: c_in planes of rows x width (the input at row ph, column pw, zeros around it, at
-  // least w_out + (kw - 1) * dw + lanes wide); weight: (ceil(c_out / kDirectChannels), c_in,
+  // least h_out + (kh - 1) * dh + kDirectRows - 1 rows and w_out + (kw - 1) * dw + lanes
+  // wide); weight: (ceil(c_out / kDirectChannels), c_in,
   // kh, kw, kDirectChannels), zero past c_out. out, pre: the image's (c_out, h_out, w_out).
   void (*direct_nchw)(const ConvGeometry& c, const float* padded, int64_t rows, int64_t width,
                       const float* weight, int64_t block, const float* bias, float* out,
@@ -155,6 +157,7 @@ struct ConvKernels {
 };
 
 constexpr int64_t kDirectChannels = 8;
+constexpr int64_t kDirectRows = 8;  // direct_nchw's padded planes: this many rows - 1 extra
 constexpr int64_t kDirectLanes = 16;  // acc slots per dW element in direct_weight_grad
 constexpr int64_t kDirectTaps = 5;    // taps of a kernel row per pass of direct_weight_grad
 

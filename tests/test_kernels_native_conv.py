@@ -81,6 +81,12 @@ CASES = [
     (2, 1, 8, (10, 9), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
     # one output pixel in NCHW: the same single column, its bias one per channel
     (3, 4, 6, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
+    # down to 4 channels or fewer (a stem's input gradient): the direct kernel's row blocks,
+    # the last one partial; dilated, ragged rows, 2 and 3 channels
+    (2, 24, 1, (12, 19), (5, 5), (1, 1), (2, 2), (1, 1), 1, (0, 0)),
+    (1, 9, 3, (7, 37), (3, 3), (1, 1), (1, 2), (2, 1), 1, (0, 0)),
+    (2, 20, 2, (11, 17), (3, 5), (1, 1), (0, 2), (1, 2), 1, (1, 0)),
+    (1, 6, 4, (9, 5), (2, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0)),
 ]
 
 
