@@ -189,10 +189,14 @@ const IsaKernels& isa_kernels(const std::string& name) {
 
 void gemm(const IsaKernels& isa, const GemmArgs& g, int threads) {
   if (g.m == 0 || g.n == 0) return;
-  if (8 * g.n <= 5 * isa.nr && g.a_stride_k == 1 && g.b_stride_k == 1) {
+  if (8 * g.n <= 5 * isa.nr && g.k >= 400 && g.a_stride_k == 1 && g.b_stride_k == 1) {
     // Narrow C from k-contiguous A and B (nn.Linear's forward into few outputs): dot products.
     // Their lane sums cost about what idle lanes cost the packed kernel at 2/3 of nr columns:
     // on AVX2 (nr 16), n = 10 gained 10% at k = 128 and 57% at k = 784, n = 15 lost 15%.
+    // Only for a long k: the lane sums per element, and k below the lanes done one by one,
+    // made short ones slower (AVX-512, 2 threads: 9216 x 8 -> 8, a 1x1 conv, 185 us against
+    // 34 packed; 9216 x 128 -> 16 448 against 223; 64 x 128 -> 10 4.6 against 4.1; while
+    // 64 x 400 -> 10 took 5.8 against 8.7, 64 x 784 -> 10 8.3 against 14.1).
     const int64_t work = g.m * g.n * std::max<int64_t>(g.k, 1);
     const int64_t row_blocks = ceil_div(g.m, isa.dot_rows);
     const int team = static_cast<int>(

@@ -132,12 +132,14 @@ def test_a_read_in_place(isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_narrow_outputs(isa):
     """Few output columns, with A's rows and B's columns contiguous in k (nn.Linear's input and
-    weight): dot products straight from A and B (gemm.inc). Row and column counts around its
-    4 x 3 tile, k around the vector width (the lane sums, and the k tail summed apart), every
-    activation with and without bias and pre, 1 and 2 threads, and a row-sliced out."""
+    weight): for k >= 400 dot products straight from A and B (gemm.inc), else the packed
+    kernel's edge tiles. Row and column counts around the dot kernel's 4 x 3 tile, k around
+    the vector width past 400 (the lane sums, and the k tail summed apart), every activation
+    with and without bias and pre, 1 and 2 threads, and a row-sliced out."""
     runs_here(isa)
     for m, k, n in [(1, 1, 1), (4, 8, 3), (5, 9, 2), (13, 7, 5), (64, 128, 10), (3, 300, 1),
-                    (70, 33, 20), (9, 0, 4), (600, 64, 7)]:
+                    (70, 33, 20), (9, 0, 4), (600, 64, 7), (1, 400, 1), (4, 408, 3),
+                    (5, 409, 2), (13, 407, 5), (64, 784, 10), (70, 433, 20), (600, 464, 7)]:
         a, w = torch.randn(m, k), torch.randn(n, k)
         for code, param in ACTIVATIONS:
             check(a, w.t(), torch.randn(n), code, param, isa=isa)
