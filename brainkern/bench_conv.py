@@ -84,6 +84,24 @@ DCGAN_CASES = [
     ConvCase("dcgan 64->1 32x32", 64, 64, 1, 4, 2, 1, 16, transposed=True, activation="tanh"),
 ]
 
+# Layers off the models' path, where a kernel choice can fall off a cliff (`--groups
+# coverage`): few or many channels, thin outputs, grouped (ResNeXt), depthwise with a channel
+# multiplier, 1x1, strided layers, a discriminator's input layer.
+COVERAGE_CASES = [
+    ConvCase("thin out 32->1 5x5 32x32", 16, 32, 1, 5, 1, 2, 32),
+    ConvCase("rgb out 64->3 3x3 32x32", 16, 64, 3, 3, 1, 1, 32),
+    ConvCase("narrow 8->8 3x3 24x24", 16, 8, 8, 3, 1, 1, 24),
+    ConvCase("squeeze 128->16 3x3 24x24", 16, 128, 16, 3, 1, 1, 24),
+    ConvCase("pointwise 8->8 1x1 24x24", 16, 8, 8, 1, 1, 0, 24),
+    ConvCase("pointwise 128->16 1x1 24x24", 16, 128, 16, 1, 1, 0, 24),
+    ConvCase("stem 3->64 7x7 s2 64x64", 16, 3, 64, 7, 2, 3, 64, input_grad=False),
+    ConvCase("gan disc 3->64 4x4 s2 32x32", 16, 3, 64, 4, 2, 1, 32),
+    ConvCase("strided 64->128 3x3 s2 28x28", 16, 64, 128, 3, 2, 1, 28),
+    ConvCase("grouped 64->64 g4 3x3 28x28", 8, 64, 64, 3, 1, 1, 28, groups=4),
+    ConvCase("resnext 128->128 g32 3x3 28x28", 8, 128, 128, 3, 1, 1, 28, groups=32),
+    ConvCase("depthwise x2 32->64 3x3 24x24", 16, 32, 64, 3, 1, 1, 24, groups=32),
+]
+
 
 def _step(model, x, mode):
     return _train_step(model, x, _identity, mode)
@@ -280,7 +298,8 @@ def run_conv(threads: int = 2, compile: bool = False, command: str = "brainkern 
     def run():
         peak = machine_peak_gflops(threads)
         results: list[Result] = []
-        chosen = {"cnn": CNN_CASES, "resnet": RESNET_CASES, "dcgan": DCGAN_CASES}
+        chosen = {"cnn": CNN_CASES, "resnet": RESNET_CASES, "dcgan": DCGAN_CASES,
+                  "coverage": COVERAGE_CASES}
         for group in groups:
             if group == "models":
                 bench_models(results)

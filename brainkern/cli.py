@@ -141,9 +141,11 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--threads", type=int, default=2)
     bench_parser.add_argument("--groups", nargs="+",
                               default=["cnn", "resnet", "dcgan", "models", "block"],
-                              choices=["cnn", "resnet", "dcgan", "models", "block", "kernels"],
+                              choices=["cnn", "resnet", "dcgan", "models", "block", "kernels",
+                                       "coverage"],
                               help="conv: which layer groups to time (kernels: each kernel "
-                                   "alone, beside aten's convolution and its backward)")
+                                   "alone, beside aten's convolution and its backward; "
+                                   "coverage: layers off the models' path, for cliffs)")
     bench_parser.add_argument("--compile", action="store_true",
                               help="conv: also time torch.compile of each torch layer")
     bench_parser.add_argument("--out", help="also write the markdown table to this file")

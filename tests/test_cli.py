@@ -66,6 +66,10 @@ def test_bench_conv_and_pool_print_tables(monkeypatch, capsys):
     for backend in bench.cpu_backends():
         assert f"| {backend} fused channels_last |" in text
         assert f"| {backend} unfused NCHW |" in text
+    monkeypatch.setattr(bench_conv, "COVERAGE_CASES", [
+        bench_conv.ConvCase("tiny grouped", 2, 4, 8, 3, 1, 1, 5, groups=4)])
+    assert cli.main(["bench", "conv", "--groups", "coverage"]) == 0
+    assert "| tiny grouped b2 fwd+bwd | torch eager channels_last |" in capsys.readouterr().out
     assert cli.main(["bench", "conv", "--groups", "kernels"]) == 0
     text = capsys.readouterr().out
     assert "| cnn tiny conv b2 channels_last kernels | torch aten bwd (x, w, b) |" in text
