@@ -101,6 +101,8 @@ CASES = [
     # depthwise with a channel multiplier, stride 1: the direct kernels, a group at a time
     (2, 3, 9, (8, 21), (3, 3), (1, 1), (1, 1), (1, 1), 3, (0, 0)),
     (1, 4, 8, (6, 7), (5, 5), (1, 1), (2, 2), (2, 1), 4, (0, 0)),
+    # 16-channel groups: the direct forward and input gradient, two blocks a group; dW on GEMMs
+    (1, 32, 32, (6, 11), (3, 3), (1, 1), (1, 1), (1, 1), 2, (0, 0)),
 ]
 
 
