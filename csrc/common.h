@@ -48,6 +48,9 @@ struct GemmArgs {
   // then unused): for a B that many GEMMs share, such as a convolution's weight for every
   // chunk of pixels. Only for blocks whose first column n0 is a multiple of nr.
   const float* b_packed = nullptr;
+  // out += A B, out's prior contents kept (a sum over several GEMMs, such as a weight
+  // gradient's chunks of pixels), where it is otherwise overwritten; bias, pre and act unused.
+  bool accumulate = false;
 };
 
 // grad_pre = grad_out * act'(saved), float32 (see act_backward.inc for which tensor is saved).

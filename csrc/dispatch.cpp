@@ -189,7 +189,8 @@ const IsaKernels& isa_kernels(const std::string& name) {
 
 void gemm(const IsaKernels& isa, const GemmArgs& g, int threads) {
   if (g.m == 0 || g.n == 0) return;
-  if (8 * g.n <= 5 * isa.nr && g.k >= 400 && g.a_stride_k == 1 && g.b_stride_k == 1) {
+  if (8 * g.n <= 5 * isa.nr && g.k >= 400 && g.a_stride_k == 1 && g.b_stride_k == 1 &&
+      !g.accumulate) {
     // Narrow C from k-contiguous A and B (nn.Linear's forward into few outputs): dot products.
     // Their lane sums cost about what idle lanes cost the packed kernel at 2/3 of nr columns:
     // on AVX2 (nr 16), n = 10 gained 10% at k = 128 and 57% at k = 784, n = 15 lost 15%.
