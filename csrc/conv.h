@@ -129,10 +129,11 @@ struct ConvKernels {
   // output channels), vectorised over the output pixels of a row: a reduction of kh * kw * c_in
   // cannot fill a GEMM's register tile, but each input vector feeds kDirectChannels output
   // channels; nor can a few output channels, whose rows share the loaded taps instead.
-  // padded: c_in planes of rows x width (the input at row ph, column pw, zeros around it, at
-  // least h_out + (kh - 1) * dh + kDirectRows - 1 rows and w_out + (kw - 1) * dw + lanes
-  // wide); weight: (ceil(c_out / kDirectChannels), c_in,
-  // kh, kw, kDirectChannels), zero past c_out. out, pre: the image's (c_out, h_out, w_out).
+  // (A grouped layer runs it a group at a time, each group as a layer of its own.) padded:
+  // c_in planes of rows x width (the input at row ph, column pw, zeros around it, at least
+  // h_out + (kh - 1) * dh + kDirectRows - 1 rows and w_out + (kw - 1) * dw + lanes wide);
+  // weight: (ceil(c_out / kDirectChannels), c_in, kh, kw, kDirectChannels), zero past c_out.
+  // out, pre: the image's (c_out, h_out, w_out).
   void (*direct_nchw)(const ConvGeometry& c, const float* padded, int64_t rows, int64_t width,
                       const float* weight, int64_t block, const float* bias, float* out,
                       float* pre, int act, float act_param);
