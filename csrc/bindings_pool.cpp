@@ -27,13 +27,19 @@ bk::Pool2x2 pool_geometry(const char* fn, const PoolShape& s, bool nhwc) {
 
 bool pool_empty(const PoolShape& s) { return s[0] * s[1] * s[4] * s[5] == 0; }
 
-void max_pool2x2_forward(uintptr_t x, uintptr_t out, uintptr_t indices, uintptr_t codes,
-                         const PoolShape& shape, bool nhwc, int num_threads,
-                         const std::string& isa) {
-  const char* fn = "max_pool2x2_forward";
+// A forward's checks: its geometry, the thread count, and x and out unless the pooling is empty.
+bk::Pool2x2 forward_geometry(const char* fn, uintptr_t x, uintptr_t out, const PoolShape& shape,
+                             bool nhwc, int num_threads) {
   const bk::Pool2x2 s = pool_geometry(fn, shape, nhwc);
   require_threads(fn, num_threads);
   require((x != 0 && out != 0) || pool_empty(shape), fn, "null tensor");
+  return s;
+}
+
+void max_pool2x2_forward(uintptr_t x, uintptr_t out, uintptr_t indices, uintptr_t codes,
+                         const PoolShape& shape, bool nhwc, int num_threads,
+                         const std::string& isa) {
+  const bk::Pool2x2 s = forward_geometry("max_pool2x2_forward", x, out, shape, nhwc, num_threads);
   const bk::IsaKernels& kernels = bk::isa_kernels(isa);
   py::gil_scoped_release release;
   bk::max_pool2x2_forward(kernels, s, reinterpret_cast<const float*>(x),
@@ -60,10 +66,7 @@ void max_pool2x2_backward(uintptr_t grad_out, uintptr_t indices, uintptr_t codes
 
 void avg_pool2x2_forward(uintptr_t x, uintptr_t out, const PoolShape& shape, bool nhwc,
                          float scale, int num_threads, const std::string& isa) {
-  const char* fn = "avg_pool2x2_forward";
-  const bk::Pool2x2 s = pool_geometry(fn, shape, nhwc);
-  require_threads(fn, num_threads);
-  require((x != 0 && out != 0) || pool_empty(shape), fn, "null tensor");
+  const bk::Pool2x2 s = forward_geometry("avg_pool2x2_forward", x, out, shape, nhwc, num_threads);
   const bk::IsaKernels& kernels = bk::isa_kernels(isa);
   py::gil_scoped_release release;
   bk::avg_pool2x2_forward(kernels, s, reinterpret_cast<const float*>(x),
