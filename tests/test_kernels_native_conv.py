@@ -318,6 +318,40 @@ def check_weight_grad(isa, fmt, case, n=None):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [10, 17, 21], ids=["5x5", "dilated", "strided"])
+def test_implicit_gemm_keeps_torchs_nans_on_the_padding(isa, fmt, case):
+    """The implicit GEMM skips the products with the padding's zeros (whole kernel rows in the
+    forward, rows and columns of pixels in the weight gradient), unless the other factor has an
+    inf or NaN: torch's sums keep 0 * inf = NaN there. With specials in the weight (forward)
+    or in dz (weight gradient), NaN and infinities exactly where torch's are, and the finite
+    values as accurate."""
+    runs_here(isa)
+    x, w, b, params = inputs(CASES[case])
+    w.view(-1)[torch.randperm(w.numel())[:3]] = torch.tensor(
+        [float("inf"), float("-inf"), float("nan")])
+    shape = (x.shape[0], w.shape[0], *out_size(CASES[case]))
+    out = poisoned_like(shape, fmt)
+    call("conv2d_forward", x.contiguous(memory_format=fmt), w, b, out, None, *params, A.NONE,
+         0.0, isa=isa)
+    z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
+    assert torch.equal(out.isnan(), z.isnan()) and torch.equal(out.isinf(), z.isinf())
+    assert torch.equal(out[out.isinf()], z[z.isinf()].float())
+
+    _, w, _, _ = inputs(CASES[case])
+    grad = torch.randn(shape)
+    grad.view(-1)[torch.randperm(grad.numel())[:2]] = torch.tensor([float("inf"), float("nan")])
+    grad_w = torch.full(w.shape, float("nan"))
+    call("conv2d_backward_weight", grad.contiguous(memory_format=fmt),
+         x.contiguous(memory_format=fmt), grad_w, *params, isa=isa)
+    ref = weight_grad_reference(grad, x, w.shape, *params)
+    assert torch.equal(grad_w.isnan(), ref.isnan()) and torch.equal(grad_w.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    scale = weight_grad_reference(grad.abs().nan_to_num(0, 0, 0), x.abs(), w.shape, *params)
+    assert_close(grad_w[finite], ref[finite], torch.float32, scale=scale[finite])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", [6, 11, 16, 23], ids=["stem", "dilated", "implicit", "inplace"])
 def test_weight_gradient_sums_images_within_a_part(isa, fmt, case):
     """More images than the weight gradient's parts (8): each part adds several images'
