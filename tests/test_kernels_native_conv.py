@@ -188,16 +188,9 @@ def winograd_all(monkeypatch):
     monkeypatch.setenv("BRAINKERN_WINOGRAD", "all")
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("where", ["x", "weight"])
-@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
-def test_winograd_layers_keep_torchs_infinities(winograd_all, isa, fmt, where, case):
-    """Winograd's transforms mix a tile's inputs (an infinity there would make the tile's
-    outputs NaN where torch's sum keeps the infinity): with an inf or NaN in x or the weight,
-    the forward (and, with them in dz, the stride-1 input gradient) falls back to the direct
-    sum, NaN and infinities exactly where torch's are, the finite outputs as accurate."""
-    runs_here(isa)
+def forward_with_specials(isa, fmt, case, where):
+    """conv2d_forward with an inf, a -inf and a NaN in x or the weight (``where``): NaN and
+    infinities exactly where torch's float64 sum has them. Returns the inputs and both outputs."""
     x, w, b, params = inputs(case)
     special = x if where == "x" else w
     special.view(-1)[torch.randperm(special.numel())[:3]] = torch.tensor(
@@ -209,6 +202,20 @@ def test_winograd_layers_keep_torchs_infinities(winograd_all, isa, fmt, where, c
     z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
     assert torch.equal(out.isnan(), z.isnan()) and torch.equal(out.isinf(), z.isinf())
     assert torch.equal(out[out.isinf()], z[z.isinf()].float())
+    return x, w, b, params, shape, out, z
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("where", ["x", "weight"])
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
+def test_winograd_layers_keep_torchs_infinities(winograd_all, isa, fmt, where, case):
+    """Winograd's transforms mix a tile's inputs (an infinity there would make the tile's
+    outputs NaN where torch's sum keeps the infinity): with an inf or NaN in x or the weight,
+    the forward (and, with them in dz, the stride-1 input gradient) falls back to the direct
+    sum, NaN and infinities exactly where torch's are, the finite outputs as accurate."""
+    runs_here(isa)
+    x, w, b, params, shape, out, z = forward_with_specials(isa, fmt, case, where)
     scale = reference_conv(x.double().abs().nan_to_num(0, 0, 0), w.double().abs().nan_to_num(
         0, 0, 0), *params, shape[2:]) + b.double().abs()[:, None, None]
     assert_close(out, z, torch.float32, what="out", scale=scale)
@@ -326,17 +333,7 @@ def test_implicit_gemm_keeps_torchs_nans_on_the_padding(isa, fmt, case):
     or in dz (weight gradient), NaN and infinities exactly where torch's are, and the finite
     values as accurate."""
     runs_here(isa)
-    x, w, b, params = inputs(CASES[case])
-    w.view(-1)[torch.randperm(w.numel())[:3]] = torch.tensor(
-        [float("inf"), float("-inf"), float("nan")])
-    shape = (x.shape[0], w.shape[0], *out_size(CASES[case]))
-    out = poisoned_like(shape, fmt)
-    call("conv2d_forward", x.contiguous(memory_format=fmt), w, b, out, None, *params, A.NONE,
-         0.0, isa=isa)
-    z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
-    assert torch.equal(out.isnan(), z.isnan()) and torch.equal(out.isinf(), z.isinf())
-    assert torch.equal(out[out.isinf()], z[z.isinf()].float())
-
+    x, _, _, params, shape, _, _ = forward_with_specials(isa, fmt, CASES[case], "weight")
     _, w, _, _ = inputs(CASES[case])
     grad = torch.randn(shape)
     grad.view(-1)[torch.randperm(grad.numel())[:2]] = torch.tensor([float("inf"), float("nan")])
