@@ -67,3 +67,19 @@ def gemm_error_scales(x, w, b, grad):
 def poisoned(*shape, dtype=torch.float32, device="cpu"):
     """An output buffer full of NaN, so any element a kernel forgets to write fails the check."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def gradcheck(fn, inputs, backend, second_order=False):
+    """torch.autograd.gradcheck (or gradgradcheck) of ``fn`` on float64 ``inputs``.
+
+    Under Triton's interpreter a kernel launch costs ~0.1-0.5 s, and the full check evaluates
+    the function twice per input element (minutes per test on a 2-core CI machine), so there the
+    check runs in torch's fast mode: the finite-difference and the analytic Jacobian are compared
+    through random vectors on both sides (v^T J u), a handful of launches, and any wrong entry of
+    J still shows with probability one. Compiled backends get the full element-wise check.
+    """
+    import os
+
+    fast = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    check = torch.autograd.gradgradcheck if second_order else torch.autograd.gradcheck
+    return check(fn, inputs, fast_mode=fast)

@@ -11,7 +11,7 @@ import brainkern
 import brainkern.functional as BF
 import brainkern.nn as bnn
 from brainkern import backends
-from tests.helpers import assert_close
+from tests.helpers import assert_close, gradcheck
 
 BACKENDS = [name for name in backends.available_backends()
             if importlib.util.find_spec(f"{backends.BACKENDS[name].package}.conv") is not None]
@@ -263,10 +263,11 @@ def test_gradcheck(backend):
     b = torch.randn(4, dtype=torch.float64, device=dev, requires_grad=True)
     wt = torch.randn(2, 3, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
     with brainkern.use_backend(backend):
-        assert torch.autograd.gradcheck(
-            lambda *t: BF.conv2d(*t, 2, 1, 1, 2, activation="silu"), (x, w, b))
-        assert torch.autograd.gradcheck(
-            lambda x, w: BF.conv_transpose2d(x, w, None, 2, 1, 1, activation="tanh"), (x, wt))
+        assert gradcheck(
+            lambda *t: BF.conv2d(*t, 2, 1, 1, 2, activation="silu"), (x, w, b), backend)
+        assert gradcheck(
+            lambda x, w: BF.conv_transpose2d(x, w, None, 2, 1, 1, activation="tanh"), (x, wt),
+            backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -277,8 +278,8 @@ def test_double_backward_recomputes_with_torch_ops(backend):
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=dev, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
     with brainkern.use_backend(backend):
-        assert torch.autograd.gradgradcheck(lambda x, w: BF.conv2d(x, w, activation="gelu"),
-                                            (x, w))
+        assert gradcheck(lambda x, w: BF.conv2d(x, w, activation="gelu"), (x, w), backend,
+                         second_order=True)
 
 
 @pytest.mark.parametrize("call, error, match", [

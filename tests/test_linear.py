@@ -15,7 +15,7 @@ from contract import device_of
 import brainkern
 import brainkern.functional as BF
 from brainkern import backends
-from helpers import assert_close, gemm_error_scales
+from helpers import assert_close, gemm_error_scales, gradcheck
 
 BACKENDS = backends.available_backends()
 ACTIVATIONS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu",
@@ -90,8 +90,8 @@ def _float64_leaves():
 def test_linear_gradcheck(backend, activation):
     """First derivatives: the backend's forward and backward kernels against finite differences."""
     with backends.use_backend(backend):
-        assert torch.autograd.gradcheck(lambda *t: BF.linear(*t, activation=activation),
-                                        _float64_leaves())
+        assert gradcheck(lambda *t: BF.linear(*t, activation=activation), _float64_leaves(),
+                         backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,8 +101,8 @@ def test_linear_gradgradcheck_of_the_torch_recompute(backend, activation):
     (ops/linear.py), so this checks that hand-over (the right graph, from the right saved
     tensors), not the backend's kernels: those compute only the first derivatives."""
     with backends.use_backend(backend):
-        assert torch.autograd.gradgradcheck(lambda *t: BF.linear(*t, activation=activation),
-                                            _float64_leaves())
+        assert gradcheck(lambda *t: BF.linear(*t, activation=activation), _float64_leaves(),
+                         backend, second_order=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
