@@ -1,5 +1,7 @@
 """Shared checking tools: the float64 oracle comparison and the per-dtype tolerance table."""
 
+import os
+
 import torch
 
 # Relative-norm tolerances (DESIGN.md section 4). Triton's fp32 dot defaults to tf32 on a GPU.
@@ -78,8 +80,6 @@ def gradcheck(fn, inputs, backend, second_order=False):
     through random vectors on both sides (v^T J u), a handful of launches, and any wrong entry of
     J still shows with probability one. Compiled backends get the full element-wise check.
     """
-    import os
-
     fast = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     check = torch.autograd.gradgradcheck if second_order else torch.autograd.gradcheck
     return check(fn, inputs, fast_mode=fast)
