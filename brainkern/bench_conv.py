@@ -309,7 +309,13 @@ def run_conv(threads: int = 2, compile: bool = False, command: str = "brainkern 
                 bench_kernels([*CNN_CASES, *RESNET_CASES, *DCGAN_CASES], results)
             else:
                 bench_convs(chosen[group], results, compile)
-        return header(threads, peak, command) + "\n\n" + format_table(results, peak)
+        table = header(threads, peak, command) + "\n\n" + format_table(results, peak)
+        if "block" in groups:
+            table += ("\n\nThe blocks' GFLOP/s count a dense convolution's multiply-adds. A fused "
+                      "block's backward may run only the products of the max pooling's winners, "
+                      "a quarter of them (native: conv2d_maxpool2d_backward), so its rate can pass "
+                      "the peak.")
+        return table
     return _with_threads(threads, run)
 
 

@@ -88,6 +88,26 @@ void conv2d_maxpool2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_
                                act_code, act_param, num_threads);
 }
 
+bool conv2d_maxpool2d_backward(uintptr_t grad_pooled, uintptr_t codes, uintptr_t x, uintptr_t w,
+                               uintptr_t grad_x, uintptr_t grad_w, const ConvShape& shape,
+                               bool nhwc, int num_threads, const std::string& isa) {
+  const char* fn = "conv2d_maxpool2d_backward";
+  const bk::ConvGeometry c = conv_geometry(fn, shape, nhwc);
+  require_threads(fn, num_threads);
+  require(c.h_out >= 2 && c.w_out >= 2, fn, "the conv output must be at least 2 x 2");
+  const int64_t pooled_size = c.n * c.c_out * (c.h_out / 2) * (c.w_out / 2);
+  require((grad_pooled != 0 && codes != 0) || pooled_size == 0, fn, "grad_pooled or codes is null");
+  require(x != 0 || c.n * c.c_in * c.h * c.w == 0, fn, "x is null");
+  require(w != 0 || c.c_out * c.c_in == 0, fn, "weight is null");
+  const bk::IsaKernels& kernels = bk::isa_kernels(isa);
+  py::gil_scoped_release release;
+  return bk::conv2d_maxpool2d_backward(
+      kernels, c, reinterpret_cast<const float*>(grad_pooled),
+      reinterpret_cast<const uint8_t*>(codes), reinterpret_cast<const float*>(x),
+      reinterpret_cast<const float*>(w), reinterpret_cast<float*>(grad_x),
+      reinterpret_cast<float*>(grad_w), num_threads);
+}
+
 void conv2d_backward_weight(uintptr_t grad_pre, uintptr_t x, uintptr_t grad_w,
                             const ConvShape& shape, bool nhwc, int num_threads,
                             const std::string& isa) {
@@ -182,6 +202,17 @@ shape as conv2d_forward's, (h_out, w_out) the conv output's size (at least 2 x 2
 (or 0) float32, (n, c_out, h_out // 2, w_out // 2) in x's layout: the pooled maximum (NaN
 wins, first maximum on ties) and the pre-activation there; exactly one of indices (int64, its
 flat tap h * w_out + w) and codes (uint8, its place 2u + v in its window), alike. The GIL is
+released meanwhile.)doc");
+  m.def("conv2d_maxpool2d_backward", &conv2d_maxpool2d_backward, py::arg("grad_pooled"),
+        py::arg("codes"), py::arg("x"), py::arg("w"), py::arg("grad_x"), py::arg("grad_w"),
+        py::arg("shape"), py::arg("nhwc"), py::arg("num_threads"), py::arg("isa") = "",
+        R"doc(The conv block's grad_x and grad_w (each 0 when not wanted) from the pooled dz.
+
+grad_pooled (dz at the winners, the activation's derivative applied) and codes (uint8 window
+codes, as conv2d_maxpool2d_forward wrote them): (n, c_out, h_out // 2, w_out // 2) in x's
+layout; shape, x, w as conv2d_maxpool2d_forward's; grad_x x's shape and layout, grad_w w's.
+Only the winners' products, deterministic on any num_threads. Returns False, having written
+nothing, when grad_pooled (or x for grad_w, w for grad_x) is not all finite. The GIL is
 released meanwhile.)doc");
   m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("grad_pre"), py::arg("x"),
         py::arg("grad_w"), py::arg("shape"), py::arg("nhwc"), py::arg("num_threads"),

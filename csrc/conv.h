@@ -99,6 +99,28 @@ struct WinogradOut {
   float* pre;
 };
 
+// The fused conv block's backward (conv_block_dispatch.inc's conv2d_maxpool2d_backward). Behind
+// a 2x2 max pooling dz is zero but at each window's winner, so the weight and input gradients
+// need only the winners' products: a quarter of a dense convolution's. Both kernels work in
+// "slots" of kLanes (ConvKernels::pooled_lanes) floats: a run of one patch row's taps in a
+// padded NHWC image (ImplicitConv's xpad), slot j at slot_offsets[j] floats from a pixel's tap
+// (0, 0); the lanes past a row's taps are scratch. Entry i of the list: src + where[i], times
+// grads[i].
+//   pooled_weight_grad: dst[j * kLanes + l] += sum over i of grads[i] * src[where[i] +
+//     slot_offsets[j] + l] (src: xpad, where: the winners' taps (0, 0); dst: a channel's slots).
+//   pooled_input_grad: dst[slot_offsets[j] + l] += sum over i of grads[i] * src[where[i] +
+//     j * kLanes + l] (src: the weight in slots, zero in the scratch lanes, where: the winning
+//     channels' rows; dst: dxpad at the output pixel's tap (0, 0), which they share).
+struct PooledGrad {
+  const float* src;
+  const int64_t* where;
+  const float* grads;
+  int64_t count;
+  const int64_t* slot_offsets;
+  int64_t slots;
+  float* dst;
+};
+
 struct ConvKernels {
   // NCHW: cols[k * rows + r] for k = (ci, i, j) of group g (weight's own order) and output
   // pixel p0 + r of image `image` (r < rows, p0 + rows <= h_out * w_out): the input tap, or 0.
@@ -166,6 +188,9 @@ struct ConvKernels {
   bool (*winograd_input)(int r, const float* xpad, int64_t wp, int64_t c_in, int64_t tiles_w,
                          int64_t tiles, float* v, int64_t v_step);
   void (*winograd_output)(const WinogradOut& o);
+  void (*pooled_weight_grad)(const PooledGrad& a);
+  void (*pooled_input_grad)(const PooledGrad& a);
+  int64_t pooled_lanes;
 };
 
 constexpr int64_t kDirectChannels = 8;

@@ -74,6 +74,16 @@ void conv2d_maxpool2d_forward(const IsaKernels& isa, const ConvGeometry& c, cons
                               const float* w, const float* bias, float* out, int64_t* indices,
                               uint8_t* codes, float* pre, int act, float act_param, int threads);
 
+// The conv block's backward from the pooled gradient (its activation's derivative applied):
+// grad_x and grad_w (each null when not wanted; c's h_out x w_out is the conv output's size)
+// of the convolution whose dz is grad_pooled at the winners its window codes name and zero
+// elsewhere, from the winners' products alone. Returns false, having written nothing, when
+// grad_pooled, or x for grad_w, or w for grad_x, has an infinite or NaN value (torch's dense
+// sums keep 0 * inf = NaN: the caller runs the dense backward).
+bool conv2d_maxpool2d_backward(const IsaKernels& isa, const ConvGeometry& c,
+                               const float* grad_pooled, const uint8_t* codes, const float* x,
+                               const float* w, float* grad_x, float* grad_w, int threads);
+
 // FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);
 

@@ -69,6 +69,50 @@ def test_block_gradcheck_and_float32(backend):
                  tol=2e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("shape, stride, fmt", [((3, 4, 10, 9), 1, torch.contiguous_format),
+                                                ((2, 1, 12, 12), 1, torch.channels_last),
+                                                ((2, 6, 13, 11), 2, torch.channels_last)])
+def test_block_float32_gradients(backend, activation, shape, stride, fmt):
+    """float32 gradients against float64 torch: where the native backend runs its sparse
+    backward (the max pooling's winners' products alone)."""
+    dev = device_of(backend)
+    x = torch.randn(shape, device=dev).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(7, shape[1], 3, 3, device=dev, requires_grad=True)
+    b = torch.randn(7, device=dev, requires_grad=True)
+    with brainkern.use_backend(backend):
+        y = conv2d_maxpool2d(x, w, b, stride, 1, activation=activation)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = reference(*leaves, resolve(activation), stride)
+    g = torch.randn(ref.shape, dtype=torch.float64, device=dev)
+    got = torch.autograd.grad(y, (x, w, b), g.float())
+    want = torch.autograd.grad(ref, leaves, g)
+    for a, e, name in zip(got, want, ("x", "w", "b")):
+        assert_close(a, e, tol=1e-5, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_gradients_keep_torchs_nans(backend):
+    """An infinite input: torch's dense weight gradient is NaN where a zero of dz meets it (0 *
+    inf); a backend that skips dz's zeros must fall back to the dense sums there."""
+    dev = device_of(backend)
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    x[1, 2, 3, 4] = float("inf")
+    x.requires_grad_()
+    w = torch.randn(4, 3, 3, 3, device=dev, requires_grad=True)
+    with brainkern.use_backend(backend):
+        y = conv2d_maxpool2d(x, w, None, 1, 1, activation="tanh")
+    w64 = w.detach().double().requires_grad_()
+    ref = reference(x.detach().double(), w64, None, resolve("tanh"))
+    g = torch.randn(ref.shape, dtype=torch.float64, device=dev)
+    got = torch.autograd.grad(y, w, g.float())[0]
+    want = torch.autograd.grad(ref, w64, g)[0]
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert_close(got[finite], want[finite], tol=1e-5, what="grad w")
+
+
 def test_accelerate_fuses_conv_activation_maxpool():
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -565,6 +565,121 @@ def test_conv2d_maxpool2d_forward_batch_0(fmt):
     assert out.shape[0] == indices.shape[0] == 0
 
 
+def pooled_backward_inputs(case, fmt, n=None):
+    """x, w, params, conv_hw, a pooled dz with a quarter of it zero (a ReLU's), random window
+    codes, all in fmt."""
+    x, w, _, params = inputs(case, n)
+    conv_hw = out_size(case)
+    shape = (x.shape[0], w.shape[0], conv_hw[0] // 2, conv_hw[1] // 2)
+    grad = torch.randn(shape)
+    grad[torch.rand(shape) < 0.25] = 0.0
+    codes = torch.randint(0, 4, shape, dtype=torch.uint8)
+    return (x.contiguous(memory_format=fmt), w, params, conv_hw,
+            grad.contiguous(memory_format=fmt), codes.contiguous(memory_format=fmt))
+
+
+def run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt, isa=None, num_threads=None,
+                        need=(True, True)):
+    """conv2d_maxpool2d_backward into NaN-poisoned (grad_x, grad_w) (None where not needed)
+    and what it returned."""
+    gx = poisoned_like(x.shape, fmt) if need[0] else None
+    gw = torch.full_like(w, float("nan")) if need[1] else None
+    native_conv.check_conv2d_maxpool2d_backward(grad, codes, x, w, gx, gw, conv_hw, *params)
+    ran = native_conv.conv2d_maxpool2d_backward(grad, codes, x, w, gx, gw, conv_hw, *params,
+                                                isa=isa, num_threads=num_threads)
+    return ran, gx, gw
+
+
+def pooled_backward_reference(x, w, params, conv_hw, grad, codes):
+    """(dx, dW) in float64 through the dense dz, with the magnitudes their rounding is
+    relative to (the same on |x|, |w|, |dz|)."""
+    dz = torch.zeros(*grad.shape[:2], *conv_hw, dtype=torch.float64)
+    taps = codes_to_indices_2x2(codes, conv_hw[1]).flatten(2)
+    dz.flatten(2).scatter_(2, taps, grad.double().flatten(2))
+
+    def grads(x, w, dz):
+        x, w = x.double().requires_grad_(), w.double().requires_grad_()
+        z = reference_conv(x, w, *params, conv_hw)
+        return torch.autograd.grad(z, (x, w), dz)
+
+    return grads(x, w, dz), grads(x.abs(), w.abs(), dz.abs())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [c for c in CASES if min(out_size(c)) >= 2],
+                         ids=[str(i) for i, c in enumerate(CASES) if min(out_size(c)) >= 2])
+def test_conv2d_maxpool2d_backward(isa, fmt, case):
+    """The block's dx and dW from the pooled dz and window codes, the winners' products alone,
+    as the dense float64 gradients of dz scattered to the winners (strides, dilation, groups,
+    depthwise, odd conv sizes whose last row / column no window reads, outputs past torch's)."""
+    runs_here(isa)
+    x, w, params, conv_hw, grad, codes = pooled_backward_inputs(case, fmt)
+    ran, gx, gw = run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt, isa)
+    (rx, rw), (sx, sw) = pooled_backward_reference(x, w, params, conv_hw, grad, codes)
+    assert ran and gx.is_contiguous(memory_format=fmt)
+    assert_close(gx, rx, torch.float32, what="grad_x", scale=sx)
+    assert_close(gw, rw, torch.float32, what="grad_w", scale=sw)
+    # Each alone: the other stays untouched (None).
+    for need in ((True, False), (False, True)):
+        ran, gx1, gw1 = run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt, isa,
+                                            need=need)
+        assert ran and torch.equal(gx1 if need[0] else gw1, gx if need[0] else gw)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_conv2d_maxpool2d_backward_threads_and_batch_0(fmt):
+    """The same bits on 1, 2 and 3 threads (channels split for dW, images for dx); batch 0
+    writes a zero dW."""
+    built()
+    case = CASES[10]
+    args = pooled_backward_inputs(case, fmt)
+    runs = [run_pooled_backward(*args, fmt, num_threads=t) for t in (1, 2, 3)]
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run[1:], runs[0][1:]))
+    ran, gx, gw = run_pooled_backward(*pooled_backward_inputs(case, fmt, n=0), fmt)
+    assert ran and gx.shape[0] == 0 and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("where", ["grad", "x", "weight"])
+def test_conv2d_maxpool2d_backward_declines_non_finite(fmt, where):
+    """An inf or NaN where torch's dense sums would keep a zero's 0 * inf = NaN: it returns
+    False and writes nothing (the ops layer runs the dense backward); an x or weight with one
+    that the wanted gradient does not read runs."""
+    built()
+    x, w, params, conv_hw, grad, codes = pooled_backward_inputs(CASES[0], fmt)
+    t = {"grad": grad, "x": x, "weight": w}[where]
+    t[1, 1, 1, 1] = float("inf") if where != "x" else float("nan")
+    ran, gx, gw = run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt)
+    assert not ran and gx.isnan().all() and gw.isnan().all()
+    if where != "grad":  # x only feeds dW, the weight only dx
+        need = (where == "x", where == "weight")
+        ran, gx, gw = run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt, need=need)
+        (rx, rw), (sx, sw) = pooled_backward_reference(x, w, params, conv_hw, grad, codes)
+        assert ran
+        if need[0]:
+            assert_close(gx, rx, torch.float32, what="grad_x", scale=sx)
+        else:
+            assert_close(gw, rw, torch.float32, what="grad_w", scale=sw)
+
+
+def test_conv2d_maxpool2d_backward_declines_what_it_does_not_take():
+    """float64 and int64 indices: False, nothing written; bad shapes: a named error."""
+    built()
+    x, w, params, conv_hw, grad, codes = pooled_backward_inputs(CASES[0], torch.contiguous_format)
+    taps = codes_to_indices_2x2(codes, conv_hw[1])
+    assert not run_pooled_backward(x, w, params, conv_hw, grad, taps,
+                                   torch.contiguous_format)[0]
+    assert not run_pooled_backward(x.double(), w.double(), params, conv_hw, grad.double(),
+                                   codes, torch.contiguous_format)[0]
+    with pytest.raises(ValueError, match="grad_pooled must be"):
+        run_pooled_backward(x, w, params, conv_hw, grad[:, :, 1:].contiguous(),
+                            codes[:, :, 1:].contiguous(),
+                            torch.contiguous_format)
+    with pytest.raises(ValueError, match="conv_hw"):
+        run_pooled_backward(x, w, params, (1, 5), grad, codes, torch.contiguous_format)
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_nchw_batch_smaller_than_the_team(n):
     """Fewer images than threads: the NCHW forward runs the whole batch through NHWC, pixels

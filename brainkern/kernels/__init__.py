@@ -125,6 +125,17 @@ Optionally, a backend fuses the conv block (brainkern/ops/conv_block.py) into on
     shape) or None = the pre-activation at the winning tap (for activations whose derivative
     needs it).
 
+and, where it writes window codes, the block's backward from the pooled gradient:
+
+``conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight, conv_hw,
+                            stride, padding, dilation, groups) -> bool``
+    grad_pooled: ``g * act'`` at the winners (out's shape and format), indices: the forward's
+    (window codes or int64). grad_x (x's shape and format) and grad_weight (weight's) or None:
+    the gradients of the convolution whose dz is grad_pooled at the winning taps and zero
+    elsewhere, written whole. Returns False, having written nothing, for arguments it does not
+    take (the ops layer then scatters dz and runs conv2d's backward kernels): a kernel that
+    skips the zeros of dz must decline where torch's dense sums keep 0 * inf = NaN.
+
 Pooling family (``pool``)
 -------------------------
 

@@ -15,6 +15,11 @@ Backward, with ``g = dL/dy`` on the pooled output and ``i`` the winning taps:
   drops).
 - ``dx`` and ``dW`` exactly as for conv2d (brainkern/ops/conv.py).
 
+A backend may instead take ``dz_pooled`` and the indices straight to ``dx`` and ``dW``,
+``conv2d_maxpool2d_backward``: dz is zero off the winners, so their products alone (a quarter
+of the dense convolutions' multiply-adds) give the same gradients, and the full-size dz is
+never written.
+
 A backend may fuse the forward in one kernel, ``conv2d_maxpool2d_forward`` (interface in
 brainkern/kernels/__init__.py); otherwise it is its conv2d and max_pool2d kernels in sequence
 over a scratch output that is not kept. In a graph (torch.compile, export), under torch.func
@@ -70,6 +75,14 @@ def _backward(conv_kern, pool_kern, grad_out, x, weight, out, indices, pre, geom
     saved = out if act is None or act.saves_output else pre
     grad_pooled, grad_b = conv.activation_backward(conv_kern, grad_out, saved, act, need_b, fmt)
     grad_x = grad_w = None
+    sparse = getattr(conv_kern, "conv2d_maxpool2d_backward", None)
+    if (need_x or need_w) and sparse is not None:
+        # dz is zero but at the winners: a backend may sum the winners' products alone.
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        if sparse(grad_pooled, indices, x, weight, grad_x, grad_w, geometry.out_hw,
+                  *geometry.kernel_args):
+            return grad_x, grad_w, grad_b
     if need_x or need_w:
         grad_pre = torch.empty((x.shape[0], weight.shape[0], *geometry.out_hw), dtype=x.dtype,
                                device=x.device, memory_format=fmt)

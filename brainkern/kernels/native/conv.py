@@ -95,6 +95,29 @@ def conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride
         _is_nhwc(x, out, indices), act_code, act_param, _threads(num_threads), isa or "")
 
 
+def conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight, conv_hw,
+                              stride, padding, dilation, groups, *, isa=None,
+                              num_threads=None) -> bool:
+    """The conv block's ``grad_x`` and ``grad_weight`` (each None when not wanted) from the
+    pooled ``dz``, the winners' products alone (a quarter of the dense backward's).
+
+    grad_pooled: dz at the winners (the activation's derivative applied), out's shape and format
+    as :func:`conv2d_maxpool2d_forward` wrote it; indices: its uint8 window codes. x, weight,
+    conv_hw and the geometry as that kernel's. Returns False, having written nothing, where it
+    does not run: float64, int64 indices, or a non-finite grad_pooled (or x for grad_weight,
+    weight for grad_x), whose zeros' products torch's dense sums keep (0 * inf = NaN).
+    """
+    if x.dtype is _F64 or indices.dtype is not torch.uint8:
+        return False
+    return _native().conv2d_maxpool2d_backward(
+        grad_pooled.data_ptr(), indices.data_ptr(), x.data_ptr(), weight.data_ptr(),
+        _ptr(grad_x), _ptr(grad_weight),
+        (*x.shape, weight.shape[0], *conv_hw, *weight.shape[2:], *stride, *padding, *dilation,
+         groups),
+        _is_nhwc(*(t for t in (x, grad_pooled, indices, grad_x) if t is not None)),
+        _threads(num_threads), isa or "")
+
+
 def _compose_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
                                dilation, groups, act_code, act_param) -> None:
     from brainkern.kernels.numba import conv as numba_conv
@@ -239,6 +262,32 @@ def check_conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, 
     for label, t in (("out", out), ("indices", indices), ("pre", pre)):
         if t is not None and tuple(t.shape) != pooled:
             raise ValueError(f"native {name}: {label} must be {pooled}, got {tuple(t.shape)}")
+
+
+def check_conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight,
+                                    conv_hw, stride, padding, dilation, groups) -> None:
+    """Raise a TypeError/ValueError if :func:`conv2d_maxpool2d_backward` cannot run these."""
+    name = "conv2d_maxpool2d_backward"
+    if len(conv_hw) != 2 or any(int(v) != v or v < 2 for v in conv_hw):
+        raise ValueError(f"native {name}: conv_hw must be a pair of ints >= 2, got {conv_hw}")
+    if x.dtype is _F64 or indices.dtype is not torch.uint8:
+        return
+    _check_float32_cpu(name, grad_pooled, x, weight, grad_x, grad_weight)
+    _check_params(name, stride, padding, dilation, groups)
+    n, c_in = _check_4d(name, "x", x)[:2]
+    c_out = _check_weight(name, weight, c_in, groups)
+    _check_layouts(name, x, grad_pooled, indices, grad_x)
+    pooled = (n, c_out, conv_hw[0] // 2, conv_hw[1] // 2)
+    for label, t in (("grad_pooled", grad_pooled), ("indices", indices)):
+        if tuple(t.shape) != pooled:
+            raise ValueError(f"native {name}: {label} must be {pooled}, got {tuple(t.shape)}")
+    if grad_x is not None and grad_x.shape != x.shape:
+        raise ValueError(f"native {name}: grad_x {tuple(grad_x.shape)} must match x "
+                         f"{tuple(x.shape)}")
+    if grad_weight is not None and (grad_weight.shape != weight.shape
+                                    or not grad_weight.is_contiguous()):
+        raise ValueError(f"native {name}: grad_weight must be contiguous "
+                         f"{tuple(weight.shape)}, got {tuple(grad_weight.shape)}")
 
 
 def check_conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
