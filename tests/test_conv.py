@@ -121,6 +121,25 @@ def test_conv2d_without_input_gradient(backend, dtype, case, fmt):
                 f"stem {case} {activation}, no bias")
 
 
+def test_memory_format_is_torchs_rule():
+    """The ops layer's output format: torch's suggest_memory_format (its unambiguous cases
+    answered from is_contiguous) on dense, ambiguous (one channel, 1 x 1 planes), sliced,
+    permuted and expanded tensors."""
+    from torch._prims_common import suggest_memory_format
+
+    from brainkern.ops._conv_geometry import _format_of
+
+    base = [torch.randn(2, 3, 5, 4), torch.randn(2, 1, 5, 4), torch.randn(2, 3, 1, 1),
+            torch.randn(1, 1, 1, 1), torch.randn(3, 2, 4, 1)]
+    views = []
+    for t in base:
+        cl = t.contiguous(memory_format=torch.channels_last)
+        views += [t, cl, t[:, :, ::2], cl[:, :, ::2], t.permute(0, 1, 3, 2), cl.transpose(0, 1),
+                  t[:, :1], t.expand(3, -1, -1, -1) if t.shape[0] == 1 else t[:1]]
+    for t in views:
+        assert _format_of(t) == suggest_memory_format(t), (t.shape, t.stride())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "weight_channels_last"])
 def test_conv2d_layouts_follow_torch(backend, layout):
