@@ -46,6 +46,13 @@ def _shape(conv_in, conv_out, weight, stride, padding, dilation, groups) -> tupl
             *dilation, groups)
 
 
+def _block_shape(x, weight, conv_hw, stride, padding, dilation, groups) -> tuple:
+    """The fused block's C++ geometry: _shape's, the conv output (H_c, W_c) = conv_hw (the
+    block never stores that output)."""
+    return (*x.shape, weight.shape[0], *conv_hw, *weight.shape[2:], *stride, *padding,
+            *dilation, groups)
+
+
 def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -90,8 +97,7 @@ def conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride
         return
     _native().conv2d_maxpool2d_forward(
         x.data_ptr(), weight.data_ptr(), _ptr(bias), out.data_ptr(), *_indices_or_codes(indices),
-        _ptr(pre), (*x.shape, weight.shape[0], *conv_hw, *weight.shape[2:], *stride, *padding,
-                    *dilation, groups),
+        _ptr(pre), _block_shape(x, weight, conv_hw, stride, padding, dilation, groups),
         _is_nhwc(x, out, indices), act_code, act_param, _threads(num_threads), isa or "")
 
 
@@ -112,8 +118,7 @@ def conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weig
     return _native().conv2d_maxpool2d_backward(
         grad_pooled.data_ptr(), indices.data_ptr(), x.data_ptr(), weight.data_ptr(),
         _ptr(grad_x), _ptr(grad_weight),
-        (*x.shape, weight.shape[0], *conv_hw, *weight.shape[2:], *stride, *padding, *dilation,
-         groups),
+        _block_shape(x, weight, conv_hw, stride, padding, dilation, groups),
         _is_nhwc(*(t for t in (x, grad_pooled, indices, grad_x) if t is not None)),
         _threads(num_threads), isa or "")
 
@@ -245,42 +250,28 @@ def check_conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, 
                                    dilation, groups, act_code, act_param) -> None:
     """Raise a TypeError/ValueError if :func:`conv2d_maxpool2d_forward` cannot run these."""
     name = "conv2d_maxpool2d_forward"
-    if len(conv_hw) != 2 or any(int(v) != v or v < 2 for v in conv_hw):
-        raise ValueError(f"native {name}: conv_hw must be a pair of ints >= 2, got {conv_hw}")
+    _check_conv_hw(name, conv_hw)
     if x.dtype is _F64:
         return
-    _check_float32_cpu(name, x, weight, bias, out, pre)
-    _check_params(name, stride, padding, dilation, groups)
-    n, c_in = _check_4d(name, "x", x)[:2]
-    c_out = _check_weight(name, weight, c_in, groups)
-    _check_vector(name, "bias", bias, c_out)
     if indices.dtype not in (torch.int64, torch.uint8) or not indices.is_cpu:
         raise TypeError(f"native {name}: indices must be int64 (or uint8 window codes) on the "
                         f"CPU, got {indices.dtype} on {indices.device}")
-    _check_layouts(name, x, out, indices, pre)
-    pooled = (n, c_out, conv_hw[0] // 2, conv_hw[1] // 2)
-    for label, t in (("out", out), ("indices", indices), ("pre", pre)):
-        if t is not None and tuple(t.shape) != pooled:
-            raise ValueError(f"native {name}: {label} must be {pooled}, got {tuple(t.shape)}")
+    c_out = _check_block(name, x, weight, conv_hw, (stride, padding, dilation, groups),
+                         {"out": out, "indices": indices, "pre": pre}, bias, out, pre)
+    _check_vector(name, "bias", bias, c_out)
 
 
 def check_conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight,
                                     conv_hw, stride, padding, dilation, groups) -> None:
     """Raise a TypeError/ValueError if :func:`conv2d_maxpool2d_backward` cannot run these."""
     name = "conv2d_maxpool2d_backward"
-    if len(conv_hw) != 2 or any(int(v) != v or v < 2 for v in conv_hw):
-        raise ValueError(f"native {name}: conv_hw must be a pair of ints >= 2, got {conv_hw}")
+    _check_conv_hw(name, conv_hw)
     if x.dtype is _F64 or indices.dtype is not torch.uint8:
         return
-    _check_float32_cpu(name, grad_pooled, x, weight, grad_x, grad_weight)
-    _check_params(name, stride, padding, dilation, groups)
-    n, c_in = _check_4d(name, "x", x)[:2]
-    c_out = _check_weight(name, weight, c_in, groups)
+    _check_block(name, x, weight, conv_hw, (stride, padding, dilation, groups),
+                 {"grad_pooled": grad_pooled, "indices": indices}, grad_pooled, grad_x,
+                 grad_weight)
     _check_layouts(name, x, grad_pooled, indices, grad_x)
-    pooled = (n, c_out, conv_hw[0] // 2, conv_hw[1] // 2)
-    for label, t in (("grad_pooled", grad_pooled), ("indices", indices)):
-        if tuple(t.shape) != pooled:
-            raise ValueError(f"native {name}: {label} must be {pooled}, got {tuple(t.shape)}")
     if grad_x is not None and grad_x.shape != x.shape:
         raise ValueError(f"native {name}: grad_x {tuple(grad_x.shape)} must match x "
                          f"{tuple(x.shape)}")
@@ -288,6 +279,27 @@ def check_conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, gra
                                     or not grad_weight.is_contiguous()):
         raise ValueError(f"native {name}: grad_weight must be contiguous "
                          f"{tuple(weight.shape)}, got {tuple(grad_weight.shape)}")
+
+
+def _check_conv_hw(kernel, conv_hw) -> None:
+    if len(conv_hw) != 2 or any(int(v) != v or v < 2 for v in conv_hw):
+        raise ValueError(f"native {kernel}: conv_hw must be a pair of ints >= 2, got {conv_hw}")
+
+
+def _check_block(kernel, x, weight, conv_hw, params, pooled: dict, *floats) -> int:
+    """What both fused-block kernels need: float32 CPU tensors (x, weight and ``floats``), the
+    geometry, x and weight, and the ``pooled`` tensors (None skipped) in x's format with the
+    pooled shape (N, C_out, H_c // 2, W_c // 2). Returns C_out."""
+    _check_float32_cpu(kernel, x, weight, *floats)
+    _check_params(kernel, *params)
+    n, c_in = _check_4d(kernel, "x", x)[:2]
+    c_out = _check_weight(kernel, weight, c_in, params[3])
+    _check_layouts(kernel, x, *pooled.values())
+    shape = (n, c_out, conv_hw[0] // 2, conv_hw[1] // 2)
+    for label, t in pooled.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"native {kernel}: {label} must be {shape}, got {tuple(t.shape)}")
+    return c_out
 
 
 def check_conv_transpose2d_forward(x, weight, bias, out, pre, stride, padding, dilation, groups,
