@@ -188,6 +188,12 @@ struct ConvKernels {
   bool (*winograd_input)(int r, const float* xpad, int64_t wp, int64_t c_in, int64_t tiles_w,
                          int64_t tiles, float* v, int64_t v_step);
   void (*winograd_output)(const WinogradOut& o);
+  // The weight gradient's transform of dz: tiles [0, tiles) of a zero-padded NHWC block of dz
+  // (wq pixels a row of c_out channels; tile t's 2x2 values at row 2 (t / tiles_w), column
+  // 2 (t % tiles_w)) into g[e * g_step + t * c_out + co], a^2 elements each, returning whether
+  // all of them are finite.
+  bool (*winograd_grad)(int r, const float* dzpad, int64_t wq, int64_t c_out, int64_t tiles_w,
+                        int64_t tiles, float* g, int64_t g_step);
   void (*pooled_weight_grad)(const PooledGrad& a);
   void (*pooled_input_grad)(const PooledGrad& a);
   int64_t pooled_lanes;

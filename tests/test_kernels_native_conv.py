@@ -103,6 +103,11 @@ CASES = [
     (1, 4, 8, (6, 7), (5, 5), (1, 1), (2, 2), (2, 1), 4, (0, 0)),
     # 16-channel groups: the direct forward and input gradient, two blocks a group; dW on GEMMs
     (1, 32, 32, (6, 11), (3, 3), (1, 1), (1, 1), (1, 1), 2, (0, 0)),
+    # the DCGAN's kernel 4, stride 2, padding 1, input twice the output, 16+ channels: by the
+    # stride's phases on Winograd F(2x2, 2x2) (the forward stacks the four phases as channels,
+    # the transposed forward runs one 2x2 convolution per phase): even and odd tile counts
+    (2, 20, 17, (8, 10), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
+    (3, 16, 24, (6, 4), (4, 4), (2, 2), (1, 1), (1, 1), 1, (0, 0)),
 ]
 
 
@@ -182,12 +187,6 @@ WINOGRAD_CASES = [CASES[10], CASES[16], CASES[25], CASES[26], CASES[27], CASES[2
                   CASES[29]]  # 3x3 and 5x5
 
 
-@pytest.fixture
-def winograd_all(monkeypatch):
-    """Winograd for 5x5 layers too (off by default: see csrc/conv_dispatch.inc)."""
-    monkeypatch.setenv("BRAINKERN_WINOGRAD", "all")
-
-
 def forward_with_specials(isa, fmt, case, where):
     """conv2d_forward with an inf, a -inf and a NaN in x or the weight (``where``): NaN and
     infinities exactly where torch's float64 sum has them. Returns the inputs and both outputs."""
@@ -209,7 +208,7 @@ def forward_with_specials(isa, fmt, case, where):
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("where", ["x", "weight"])
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
-def test_winograd_layers_keep_torchs_infinities(winograd_all, isa, fmt, where, case):
+def test_winograd_layers_keep_torchs_infinities(isa, fmt, where, case):
     """Winograd's transforms mix a tile's inputs (an infinity there would make the tile's
     outputs NaN where torch's sum keeps the infinity): with an inf or NaN in x or the weight,
     the forward (and, with them in dz, the stride-1 input gradient) falls back to the direct
@@ -231,24 +230,55 @@ def test_winograd_layers_keep_torchs_infinities(winograd_all, isa, fmt, where, c
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("where", ["x", "dz", "dz-overflow"])
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
+def test_winograd_weight_gradient_keeps_torchs_infinities(isa, fmt, where, case):
+    """The weight gradient's Winograd transforms mix a tile's x and dz values: with an inf or
+    NaN in either (or a finite dz so large that its transform would overflow: 3e38), it falls
+    back to the implicit GEMM, NaN and infinities exactly where torch's float64 sum has them,
+    the finite values as accurate."""
+    runs_here(isa)
+    x, w, _, params = inputs(case)
+    grad = torch.randn(x.shape[0], w.shape[0], *out_size(case))
+    special = x if where == "x" else grad
+    values = [3e38, -3e38] if where == "dz-overflow" else [float("inf"), float("nan")]
+    special.view(-1)[torch.randperm(special.numel())[:2]] = torch.tensor(values)
+    grad_w = torch.full(w.shape, float("nan"))
+    call("conv2d_backward_weight", grad.contiguous(memory_format=fmt),
+         x.contiguous(memory_format=fmt), grad_w, *params, isa=isa)
+    ref = weight_grad_reference(grad, x, w.shape, *params)
+    assert torch.equal(grad_w.isnan(), ref.isnan())
+    assert torch.equal(grad_w.isinf() | (ref.abs() > 3e38), ref.isinf() | (ref.abs() > 3e38))
+    finite = ref.isfinite() & (ref.abs() < 1e38)
+    scale = weight_grad_reference(grad.abs().nan_to_num(0, 0, 0), x.abs().nan_to_num(0, 0, 0),
+                                  w.shape, *params)
+    assert_close(grad_w[finite], ref[finite], torch.float32, scale=scale[finite])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", [CASES[10], CASES[28]], ids=["5x5", "5x5-row-runs"])
-def test_winograd_5x5_when_asked_for(winograd_all, isa, fmt, case):
-    """BRAINKERN_WINOGRAD=all: the 5x5 layers' forward, stride-1 input gradient and fused
-    block through F(2x2, 5x5), as accurate as the contract asks."""
+def test_winograd_5x5(isa, fmt, case):
+    """The 5x5 layers' forward, stride-1 input gradient and fused block through F(2x2, 5x5),
+    as accurate as the contract asks (the other tests run them too; these name them)."""
     test_conv2d_forward(isa, fmt, case)
     test_conv_transpose2d_forward(isa, fmt, case)
     for code, param in BLOCK_ACTIVATIONS:
         test_conv2d_maxpool2d_forward(isa, fmt, case, code, param)
 
 
-@pytest.mark.parametrize("mode", ["0", "all"])
-def test_winograd_switch(monkeypatch, mode):
-    """BRAINKERN_WINOGRAD (read at every call) picks the path: the 3x3 layer's sums differ in
-    their last bits between Winograd and the implicit GEMM, and each is accurate."""
+@pytest.mark.parametrize("mode, case, differs", [
+    ("0", CASES[16], True), ("0", CASES[10], True), ("3x3", CASES[16], False),
+    ("3x3", CASES[10], True), ("all", CASES[10], False)], ids=["off-3x3", "off-5x5",
+    "3x3-3x3", "3x3-5x5", "all-5x5"])
+def test_winograd_switch(monkeypatch, mode, case, differs):
+    """BRAINKERN_WINOGRAD (read at every call) picks the path: a layer's sums differ in their
+    last bits between Winograd and the implicit GEMM, and each is accurate. The default runs
+    3x3 and 5x5 through Winograd; 3x3 keeps 5x5 on the direct sums, 0 turns it off."""
     built()
-    x, w, b, params = inputs(CASES[16])
+    x, w, b, params = inputs(case)
     x = x.contiguous(memory_format=torch.channels_last)
-    shape = (x.shape[0], w.shape[0], *out_size(CASES[16]))
+    shape = (x.shape[0], w.shape[0], *out_size(case))
     outs = []
     for env in (None, mode):
         if env is None:
@@ -261,7 +291,7 @@ def test_winograd_switch(monkeypatch, mode):
     z = reference_conv(x.double(), w.double(), *params, shape[2:]) + b.double()[:, None, None]
     for out in outs:
         assert_close(out, z, torch.float32, what="out")
-    assert torch.equal(outs[0], outs[1]) == (mode == "all")  # the default runs 3x3 already
+    assert torch.equal(outs[0], outs[1]) != differs
 
 
 def transpose_reference(x, w, stride, padding, dilation, groups, out_shape):
@@ -349,10 +379,11 @@ def test_implicit_gemm_keeps_torchs_nans_on_the_padding(isa, fmt, case):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", [6, 11, 16, 23], ids=["stem", "dilated", "implicit", "inplace"])
+@pytest.mark.parametrize("case", [6, 11, 16, 17, 23],
+                         ids=["stem", "dilated", "winograd", "implicit", "inplace"])
 def test_weight_gradient_sums_images_within_a_part(isa, fmt, case):
     """More images than the weight gradient's parts (8): each part adds several images'
-    products (the stems' direct kernel, the implicit GEMM, the GEMM path)."""
+    products (the stems' direct kernel, Winograd, the implicit GEMM, the GEMM path)."""
     runs_here(isa)
     check_weight_grad(isa, fmt, CASES[case], n=19)
 
