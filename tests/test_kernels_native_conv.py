@@ -258,13 +258,39 @@ def test_winograd_weight_gradient_keeps_torchs_infinities(isa, fmt, where, case)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", [CASES[10], CASES[28]], ids=["5x5", "5x5-row-runs"])
-def test_winograd_5x5(isa, fmt, case):
-    """The 5x5 layers' forward, stride-1 input gradient and fused block through F(2x2, 5x5),
-    as accurate as the contract asks (the other tests run them too; these name them)."""
+def test_winograd_5x5(monkeypatch, isa, fmt, case):
+    """The 5x5 layers' forward and stride-1 input gradient through F(2x2, 5x5), and the fused
+    block's with BRAINKERN_WINOGRAD=all, as accurate as the contract asks (the other tests run
+    the first two too; these name them)."""
     test_conv2d_forward(isa, fmt, case)
     test_conv_transpose2d_forward(isa, fmt, case)
+    monkeypatch.setenv("BRAINKERN_WINOGRAD", "all")
     for code, param in BLOCK_ACTIVATIONS:
         test_conv2d_maxpool2d_forward(isa, fmt, case, code, param)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_fused_block_keeps_5x5_on_direct_sums(monkeypatch, fmt):
+    """The fused conv + max pooling decides the pooling's winners from the conv's last bits, so
+    its 5x5 forward stays on the direct sums (the plain 5x5 forward runs Winograd): the same bits
+    as with BRAINKERN_WINOGRAD=3x3, other bits with =all."""
+    built()
+    x, w, b, params = inputs(CASES[10])
+    x = x.contiguous(memory_format=fmt)
+    h, w_out = out_size(CASES[10])
+    outs = []
+    for env in (None, "3x3", "all"):
+        if env is None:
+            monkeypatch.delenv("BRAINKERN_WINOGRAD", raising=False)
+        else:
+            monkeypatch.setenv("BRAINKERN_WINOGRAD", env)
+        out = poisoned_like((x.shape[0], w.shape[0], h // 2, w_out // 2), fmt)
+        codes = torch.empty(out.shape, dtype=torch.uint8).contiguous(memory_format=fmt)
+        call("conv2d_maxpool2d_forward", x, w, b, out, codes, None, (h, w_out), *params, A.RELU,
+             0.0)
+        outs.append((out, codes))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not torch.equal(outs[0][0], outs[2][0])
 
 
 @pytest.mark.parametrize("mode, case, differs", [
