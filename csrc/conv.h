@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace bk {
 
@@ -88,6 +89,14 @@ struct ImplicitWeightGrad {
 // at m[e * m_step + (t - t0) * ldm + co]; its 2x2 outputs (those inside h_out x w_out) + bias
 // (or none), pre (when not null) and act into the image's NHWC out, whose first row is output
 // row row0.
+// f(std::integral_constant<int, r>{}) for Winograd's kernel sizes r = 2, 3, 5 (winograd.inc).
+template <class F>
+decltype(auto) with_winograd_r(int64_t r, F&& f) {
+  if (r == 2) return f(std::integral_constant<int, 2>{});
+  if (r == 3) return f(std::integral_constant<int, 3>{});
+  return f(std::integral_constant<int, 5>{});
+}
+
 struct WinogradOut {
   int r;
   const float* m;
