@@ -111,14 +111,15 @@ struct WinogradOut {
 // The fused conv block's backward (conv_block_dispatch.inc's conv2d_maxpool2d_backward). Behind
 // a 2x2 max pooling dz is zero but at each window's winner, so the weight and input gradients
 // need only the winners' products: a quarter of a dense convolution's. Both kernels work in
-// "slots" of kLanes (ConvKernels::pooled_lanes) floats: a run of one patch row's taps in a
+// "slots" of `lanes` floats (ConvKernels::pooled_lanes, or 8 where a run fits in 8 and the ISA's
+// vectors are wider: conv_block_dispatch.inc's pooled_slots): a run of one patch row's taps in a
 // padded NHWC image (ImplicitConv's xpad), slot j at slot_offsets[j] floats from a pixel's tap
 // (0, 0); the lanes past a row's taps are scratch. Entry i of the list: src + where[i], times
 // grads[i].
-//   pooled_weight_grad: dst[j * kLanes + l] += sum over i of grads[i] * src[where[i] +
+//   pooled_weight_grad: dst[j * lanes + l] += sum over i of grads[i] * src[where[i] +
 //     slot_offsets[j] + l] (src: xpad, where: the winners' taps (0, 0); dst: a channel's slots).
 //   pooled_input_grad: dst[slot_offsets[j] + l] += sum over i of grads[i] * src[where[i] +
-//     j * kLanes + l] (src: the weight in slots, zero in the scratch lanes, where: the winning
+//     j * lanes + l] (src: the weight in slots, zero in the scratch lanes, where: the winning
 //     channels' rows; dst: dxpad at the output pixel's tap (0, 0), which they share).
 struct PooledGrad {
   const float* src;
@@ -128,6 +129,7 @@ struct PooledGrad {
   const int64_t* slot_offsets;
   int64_t slots;
   float* dst;
+  int64_t lanes;
 };
 
 struct ConvKernels {

@@ -6,6 +6,7 @@
 // therefore gets tested on machines without AVX-512.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "conv.h"

@@ -47,14 +47,16 @@ struct PoolKernels {
   // gx = g at the tap of each window that its index (flat h * w + w) or, when indices is null,
   // its code (2u + v) names, as PoolBlock writes them; zero at the window's other taps and at
   // taps no window reads.
+  // stream: write gx with non-temporal stores (for a gx larger than the last-level cache).
   void (*max_pool_2x2_backward)(const Pool2x2& s, const float* g, const int64_t* indices,
-                                const uint8_t* codes, float* gx, int64_t r0, int64_t r1);
+                                const uint8_t* codes, float* gx, int64_t r0, int64_t r1,
+                                bool stream);
   // out = the window's sum (taps in scan order) * scale.
   void (*avg_pool_2x2)(const Pool2x2& s, const float* x, float* out, float scale, int64_t r0,
                        int64_t r1);
   // gx = g * scale at every tap of each window, zero at taps no window reads.
   void (*avg_pool_2x2_backward)(const Pool2x2& s, const float* g, float* gx, float scale,
-                                int64_t r0, int64_t r1);
+                                int64_t r0, int64_t r1, bool stream);
 };
 
 }  // namespace bk

@@ -20,9 +20,10 @@ from brainkern.kernels.native import pool as native_pool
 ISAS = ["avx512", "avx2", "portable"]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 WINDOW = ((2, 2), (2, 2), (0, 0), (1, 1))
-# (n, c, h, w): pooled rows of 3, 16 and 21 pixels; 1, 3, 16, 21 and 40 channels
+# (n, c, h, w): pooled rows of 3, 16, 21 and 22 pixels; 1, 3, 12, 16, 21 and 40 channels (the
+# streamed backward's rows: 32 and 44 wide, 12, 16 and 40 channels)
 SHAPES = [(2, 3, 7, 6), (1, 16, 32, 32), (2, 21, 9, 43), (1, 40, 5, 7), (3, 1, 4, 35),
-          (2, 5, 2, 2)]
+          (2, 5, 2, 2), (2, 3, 9, 44), (1, 12, 6, 10)]
 
 
 def runs_here(isa):
@@ -48,16 +49,19 @@ def window_codes(indices, width):
     return (indices // width % 2 * 2 + indices % width % 2).to(torch.uint8)
 
 
-def poisoned(shape, fmt, dtype=torch.float32):
-    """A poisoned (NaN, int64: -1, uint8: 255) output dense in fmt, followed in memory by a poisoned guard
-    of a vector's length or more, which ``guard_intact`` checks: a masked store must not write
-    past the tensor."""
+def poisoned(shape, fmt, dtype=torch.float32, offset=0):
+    """A poisoned (NaN, int64: -1, uint8: 255) output dense in fmt, ``offset`` elements into a
+    poisoned buffer (a start off the 64-byte lines that streamed stores write whole) and
+    followed in memory by a poisoned guard of a vector's length or more, which ``guard_intact``
+    checks with the elements before it: a masked or streamed store must not write outside the
+    tensor."""
     fill = {torch.int64: -1, torch.uint8: 255}.get(dtype, float("nan"))
     n, c, h, w = shape
-    buffer = torch.full((n * c * h * w + _GUARD,), fill, dtype=dtype)
+    buffer = torch.full((offset + n * c * h * w + _GUARD,), fill, dtype=dtype)
+    body = buffer[offset:offset + n * c * h * w]
     if fmt == torch.channels_last:
-        return buffer[:n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
-    return buffer[:n * c * h * w].view(shape)
+        return body.view(n, h, w, c).permute(0, 3, 1, 2)
+    return body.view(shape)
 
 
 _GUARD = 40
@@ -66,7 +70,17 @@ _GUARD = 40
 def guard_intact(t):
     start = t.storage_offset() + t.numel()
     tail = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), start, (_GUARD,))
-    return bool((tail.isnan() if t.is_floating_point() else tail == (fill_of(t.dtype))).all())
+    head = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (t.storage_offset(),))
+    guard = torch.cat([head, tail])
+    return bool((guard.isnan() if t.is_floating_point() else guard == (fill_of(t.dtype))).all())
+
+
+@pytest.fixture(params=["0", "1"], ids=["stores", "streamed"])
+def stream(request, monkeypatch):
+    """Both ways a backward writes grad_x: ordinary stores, and whole lines staged and streamed
+    (BRAINKERN_POOL_STREAM; by default only for a grad_x above 8 MB)."""
+    monkeypatch.setenv("BRAINKERN_POOL_STREAM", request.param)
+    return request.param == "1"
 
 
 def fill_of(dtype):
@@ -81,7 +95,7 @@ def same(a, b):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "specials"])
-def test_max_pool_2x2(isa, fmt, kind):
+def test_max_pool_2x2(isa, fmt, kind, stream):
     runs_here(isa)
     for shape in SHAPES:
         x = values(shape, kind).contiguous(memory_format=fmt)
@@ -103,7 +117,7 @@ def test_max_pool_2x2(isa, fmt, kind):
         codes = poisoned(ref.shape, fmt, torch.uint8)
         native_pool.max_pool2d_forward(x, alone, codes, *WINDOW, isa=isa)
         assert torch.equal(codes, window_codes(ref_indices, shape[-1])) and guard_intact(codes)
-        grad_x = poisoned(shape, fmt)
+        grad_x = poisoned(shape, fmt, offset=5)
         native_pool.max_pool2d_backward(grad_out, codes, grad_x, *WINDOW, isa=isa)
         assert same(grad_x, expected) and guard_intact(grad_x), shape
 
@@ -111,7 +125,7 @@ def test_max_pool_2x2(isa, fmt, kind):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("divisor", [0, 4, 3])
-def test_avg_pool_2x2(isa, fmt, divisor):
+def test_avg_pool_2x2(isa, fmt, divisor, stream):
     """Sums in torch's order; 1/divisor equals torch's division exactly for 4 (divisor 0 means
     the window's 4 taps), and within one rounding for divisor_override=3."""
     runs_here(isa)
@@ -121,7 +135,7 @@ def test_avg_pool_2x2(isa, fmt, divisor):
         out = poisoned(ref.shape, fmt)
         native_pool.avg_pool2d_forward(x, out, *WINDOW[:3], True, divisor, isa=isa)
         grad_out = torch.randn(ref.shape).contiguous(memory_format=fmt)
-        grad_x = poisoned(shape, fmt)
+        grad_x = poisoned(shape, fmt, offset=3 * divisor)
         native_pool.avg_pool2d_backward(grad_out, grad_x, *WINDOW[:3], True, divisor, isa=isa)
         expected = torch.ops.aten.avg_pool2d_backward(grad_out, x, [2, 2], [2, 2], [0, 0], False,
                                                       True, divisor or None)
@@ -134,8 +148,10 @@ def test_avg_pool_2x2(isa, fmt, divisor):
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
-def test_thread_counts_agree(fmt):
-    """Row tasks split the tensors without overlap: the same bits on 1, 2 and 3 threads."""
+def test_thread_counts_agree(fmt, stream):
+    """Row tasks split the tensors without overlap: the same bits on 1, 2 and 3 threads (and
+    streamed, each thread's partial lines at either end of its rows written with ordinary
+    stores)."""
     runs_here(native.supported_isas()[0])
     x = torch.randn(4, 24, 30, 31).contiguous(memory_format=fmt)
     results = []
@@ -145,7 +161,7 @@ def test_thread_counts_agree(fmt):
         native_pool.max_pool2d_forward(x, out, indices, *WINDOW, num_threads=threads)
         codes = poisoned(out.shape, fmt, torch.uint8)
         native_pool.max_pool2d_forward(x, out, codes, *WINDOW, num_threads=threads)
-        grad_x = poisoned(x.shape, fmt)
+        grad_x = poisoned(x.shape, fmt, offset=threads)
         native_pool.max_pool2d_backward(out, codes, grad_x, *WINDOW, num_threads=threads)
         avg = poisoned(out.shape, fmt)
         native_pool.avg_pool2d_forward(x, avg, *WINDOW[:3], True, 0, num_threads=threads)
@@ -155,6 +171,34 @@ def test_thread_counts_agree(fmt):
         results.append((out, indices, codes, grad_x, avg, avg_grad))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_large_grad_streamed_or_not(fmt, monkeypatch):
+    """A large grad_x (9.5 MB, odd sides; NHWC with 16 channels: whole lines) written with
+    non-temporal stores (BRAINKERN_POOL_STREAM=1), with ordinary ones (=0) and as this machine
+    decides by default (streams only past a last-level cache of at most 16 MiB): the same bits,
+    and torch's."""
+    runs_here(native.supported_isas()[0])
+    x = torch.randn(2, 16, 271, 273).contiguous(memory_format=fmt)  # 9.5 MB, odd sides
+    pooled = (2, 16, 135, 136)
+    out, codes = poisoned(pooled, fmt), poisoned(pooled, fmt, torch.uint8)
+    native_pool.max_pool2d_forward(x, out, codes, *WINDOW)
+    grad_out = torch.randn(out.shape).contiguous(memory_format=fmt)
+    grads = {}
+    for mode in (None, "0", "1"):
+        if mode is None:
+            monkeypatch.delenv("BRAINKERN_POOL_STREAM", raising=False)
+        else:
+            monkeypatch.setenv("BRAINKERN_POOL_STREAM", mode)
+        grads[mode] = (poisoned(x.shape, fmt), poisoned(x.shape, fmt))
+        native_pool.max_pool2d_backward(grad_out, codes, grads[mode][0], *WINDOW)
+        native_pool.avg_pool2d_backward(grad_out, grads[mode][1], *WINDOW[:3], True, 0)
+    ref = x.detach().requires_grad_()
+    F.max_pool2d(ref, 2).backward(grad_out)
+    assert all(same(grads[m][0], ref.grad) for m in grads)
+    assert all(torch.equal(grads[m][1], grads["0"][1]) for m in grads)
+    assert all(guard_intact(g) for m in grads for g in grads[m])
 
 
 def test_other_windows_and_float64_run_in_numba(monkeypatch):

@@ -124,10 +124,15 @@ class MaxPool2d(torch.autograd.Function):
         ctx.kern, ctx.fmt, ctx.x_shape, ctx.window = kern, fmt, x.shape, args
         ctx.save_for_backward(indices)
         ctx.mark_non_differentiable(indices)
+        # The indices get no gradient: without this autograd would fill a zero tensor for them
+        # at every backward (a tenth of a millisecond on the CNN's pooling).
+        ctx.set_materialize_grads(False)
         return out, indices
 
     @staticmethod
     def backward(ctx, grad_out, _grad_indices):
+        if grad_out is None:  # out was not used
+            return (None,) * 6
         (indices,) = ctx.saved_tensors
         grad_x = _max_backward(ctx.kern, grad_out, indices, ctx.x_shape, ctx.fmt, ctx.window)
         return grad_x, None, None, None, None, None
@@ -146,6 +151,22 @@ class AvgPool2d(torch.autograd.Function):
     def backward(ctx, grad_out):
         return _avg_backward(ctx.kern, grad_out, ctx.args, ctx.x_shape, ctx.fmt), None, None, \
             None, None
+
+
+_max_apply = _dispatch.c_apply(MaxPool2d)
+_avg_apply = _dispatch.c_apply(AvgPool2d)
+
+
+def _apply(apply, x, *args):
+    """apply(x, *args); x unwrapped and the call run again when x is a dead functorch wrapper
+    (see _dispatch.unwrap_dead)."""
+    try:
+        return apply(x, *args)
+    except RuntimeError:
+        unwrapped = _dispatch.unwrap_dead(x)
+        if unwrapped is None:
+            raise
+        return apply(unwrapped[0], *args)
 
 
 # The registered ops: what torch.compile and torch.export see (and meta tensors run).
@@ -194,9 +215,12 @@ def _max_setup_context(ctx, inputs, output):
     ctx.x_shape = list(x.shape)
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # as MaxPool2d's
 
 
 def _max_op_autograd(ctx, grad_out, _grad_indices):
+    if grad_out is None:
+        return (None,) * 8
     (indices,) = ctx.saved_tensors
     grad_x = _max_backward_op(ctx.backend, grad_out, indices, ctx.x_shape, *ctx.window,
                               ctx.channels_last)
@@ -300,8 +324,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     elif _needs_grad(x):
         codes = (not return_indices and getattr(kern, "WINDOW_CODES", False)
                  and args[0][0] * args[0][1] <= _MAX_CODE_TAPS)
-        out, indices = MaxPool2d.apply(x, kern, tuple(args), out_hw, fmt,
-                                       torch.uint8 if codes else torch.int64)
+        out, indices = _apply(_max_apply, x, kern, tuple(args), out_hw, fmt,
+                              torch.uint8 if codes else torch.int64)
     else:
         out, indices = _max_forward(kern, x, args, out_hw, fmt,
                                     torch.int64 if return_indices else None)
@@ -348,7 +372,7 @@ def _avg(input, args, out_hw):
         out = _avg_op(_backend(x), x, list(kernel), list(stride), list(padding), include_pad,
                       divisor, list(out_hw), fmt is _CHANNELS_LAST)
     elif _needs_grad(x):
-        out = AvgPool2d.apply(x, kern, args, out_hw, fmt)
+        out = _apply(_avg_apply, x, kern, args, out_hw, fmt)
     else:
         out = _avg_forward(kern, x, args, out_hw, fmt)
     return _squeeze(out, unbatched)
