@@ -51,6 +51,14 @@ struct PoolKernels {
   void (*max_pool_2x2_backward)(const Pool2x2& s, const float* g, const int64_t* indices,
                                 const uint8_t* codes, float* gx, int64_t r0, int64_t r1,
                                 bool stream);
+  // The windows of a max_pool_2x2 block (channels contiguous, z given) whose winner a float32
+  // error of up to tol[ch] in each z (act: none, relu or leaky_relu with a slope >= 0, all
+  // monotone) could have changed: those where the winner's act(z - tol) does not clear every
+  // other tap's act(z + tol) (strictly for an earlier tap: ties go to the first). Writes each
+  // as (a * cols + b) * channels + ch to doubts (room for rows * cols * channels), in order;
+  // returns their count.
+  int64_t (*max_pool_2x2_doubts)(const PoolBlock& p, const float* tol, int act, float param,
+                                 int64_t* doubts);
   // out = the window's sum (taps in scan order) * scale.
   void (*avg_pool_2x2)(const Pool2x2& s, const float* x, float* out, float scale, int64_t r0,
                        int64_t r1);

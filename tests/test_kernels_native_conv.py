@@ -275,27 +275,59 @@ def test_winograd_5x5(monkeypatch, isa, fmt, case):
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
-def test_fused_block_keeps_5x5_on_direct_sums(monkeypatch, fmt):
-    """The fused conv + max pooling decides the pooling's winners from the conv's last bits, so
-    its 5x5 forward stays on the direct sums (the plain 5x5 forward runs Winograd): the same bits
-    as with BRAINKERN_WINOGRAD=3x3, other bits with =all."""
+def test_fused_block_runs_5x5_winograd_where_it_settles_winners(monkeypatch, fmt):
+    """The fused conv + max pooling decides the pooling's winners from the conv's last bits:
+    with relu (whose near-ties it settles by exact sums) its 5x5 forward runs Winograd, other
+    bits than BRAINKERN_WINOGRAD=3x3's direct sums; with gelu (not settled) it stays on the
+    direct sums, the same bits as =3x3, other bits than =all."""
     built()
     x, w, b, params = inputs(CASES[10])
     x = x.contiguous(memory_format=fmt)
     h, w_out = out_size(CASES[10])
-    outs = []
-    for env in (None, "3x3", "all"):
-        if env is None:
-            monkeypatch.delenv("BRAINKERN_WINOGRAD", raising=False)
-        else:
-            monkeypatch.setenv("BRAINKERN_WINOGRAD", env)
-        out = poisoned_like((x.shape[0], w.shape[0], h // 2, w_out // 2), fmt)
-        codes = torch.empty(out.shape, dtype=torch.uint8).contiguous(memory_format=fmt)
-        call("conv2d_maxpool2d_forward", x, w, b, out, codes, None, (h, w_out), *params, A.RELU,
-             0.0)
-        outs.append((out, codes))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert not torch.equal(outs[0][0], outs[2][0])
+    for code, settled in ((A.RELU, True), (A.GELU, False)):
+        outs = []
+        for env in (None, "3x3", "all"):
+            if env is None:
+                monkeypatch.delenv("BRAINKERN_WINOGRAD", raising=False)
+            else:
+                monkeypatch.setenv("BRAINKERN_WINOGRAD", env)
+            out = poisoned_like((x.shape[0], w.shape[0], h // 2, w_out // 2), fmt)
+            codes = torch.empty(out.shape, dtype=torch.uint8).contiguous(memory_format=fmt)
+            pre = torch.empty_like(out) if code == A.GELU else None
+            call("conv2d_maxpool2d_forward", x, w, b, out, codes, pre, (h, w_out), *params,
+                 code, 0.0)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]) != settled
+        assert torch.equal(outs[0], outs[2]) == settled
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("code, param", [(A.NONE, 0.0), (A.RELU, 0.0), (A.LEAKY_RELU, 0.25)])
+def test_fused_block_winograd_winners_are_the_exact_sums(isa, fmt, code, param):
+    """Small integers in x, w and b: every float64 sum is exact, and many windows tie exactly
+    (relu's zeros, equal sums). F(2x2, 5x5)'s float32 sums are off in the last bits (its
+    transforms have thirds and fifteenths; F(2x2, 3x3)'s halves keep such integers exact),
+    which breaks such ties at random (~60 of 16k windows here without the settling); the block
+    settles each window in doubt by double sums, so its winners are exactly torch's float64
+    max_pool2d's (the first of equal maxima) and its out as accurate as the sums'."""
+    runs_here(isa)
+    k = 5
+    gen = torch.Generator().manual_seed(k * 10 + code)
+    x = torch.randint(-3, 4, (4, 32, 16, 15), generator=gen).float()
+    w = torch.randint(-2, 3, (64, 32, k, k), generator=gen).float()
+    b = torch.randint(-2, 3, (64,), generator=gen).float()
+    params = ((1, 1), (k // 2, k // 2), (1, 1), 1)
+    conv_hw = (16, 15)
+    out, indices, _ = run_block(x, w, b, params, conv_hw, fmt, code, param, isa)
+    z = F.conv2d(x.double(), w.double(), b.double(), padding=k // 2)
+    y = activation_reference(z, code, param)
+    ref, ref_indices = F.max_pool2d(y, 2, return_indices=True)
+    assert torch.equal(indices, ref_indices)
+    scale = F.max_pool2d(F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(),
+                                  padding=k // 2), 2)
+    assert_close(out, ref, torch.float32, what="out", scale=scale)
+    assert not torch.equal(out.double(), ref)  # Winograd ran: not the exact sums everywhere
 
 
 @pytest.mark.parametrize("mode, case, differs", [
