@@ -723,13 +723,15 @@ def test_conv2d_maxpool2d_backward(isa, fmt, case):
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 def test_conv2d_maxpool2d_backward_threads_and_batch_0(fmt):
-    """The same bits on 1, 2 and 3 threads (channels split for dW, images for dx); batch 0
-    writes a zero dW."""
+    """The same bits on 1, 2 and 3 threads (images split for dx, and for dW in fixed chunks
+    whose partial sums are added in order: 3 images, and 11 in 8 chunks); batch 0 writes a
+    zero dW."""
     built()
     case = CASES[10]
-    args = pooled_backward_inputs(case, fmt)
-    runs = [run_pooled_backward(*args, fmt, num_threads=t) for t in (1, 2, 3)]
-    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run[1:], runs[0][1:]))
+    for n in (None, 11):
+        args = pooled_backward_inputs(case, fmt, n=n)
+        runs = [run_pooled_backward(*args, fmt, num_threads=t) for t in (1, 2, 3)]
+        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run[1:], runs[0][1:]))
     ran, gx, gw = run_pooled_backward(*pooled_backward_inputs(case, fmt, n=0), fmt)
     assert ran and gx.shape[0] == 0 and torch.equal(gw, torch.zeros_like(gw))
 
