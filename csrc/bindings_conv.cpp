@@ -90,7 +90,9 @@ void conv2d_maxpool2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_
 
 bool conv2d_maxpool2d_backward(uintptr_t grad_pooled, uintptr_t codes, uintptr_t x, uintptr_t w,
                                uintptr_t grad_x, uintptr_t grad_w, const ConvShape& shape,
-                               bool nhwc, int num_threads, const std::string& isa) {
+                               bool nhwc, int num_threads, const std::string& isa,
+                               uintptr_t saved, int act_code, float act_param,
+                               uintptr_t grad_bias) {
   const char* fn = "conv2d_maxpool2d_backward";
   const bk::ConvGeometry c = conv_geometry(fn, shape, nhwc);
   require_threads(fn, num_threads);
@@ -99,13 +101,17 @@ bool conv2d_maxpool2d_backward(uintptr_t grad_pooled, uintptr_t codes, uintptr_t
   require((grad_pooled != 0 && codes != 0) || pooled_size == 0, fn, "grad_pooled or codes is null");
   require(x != 0 || c.n * c.c_in * c.h * c.w == 0, fn, "x is null");
   require(w != 0 || c.c_out * c.c_in == 0, fn, "weight is null");
+  require(act_code >= bk::kNone && act_code < bk::kActivationCount, fn,
+          "unknown activation code");
+  require(saved != 0 || act_code == bk::kNone || pooled_size == 0, fn, "saved is null");
   const bk::IsaKernels& kernels = bk::isa_kernels(isa);
   py::gil_scoped_release release;
   return bk::conv2d_maxpool2d_backward(
       kernels, c, reinterpret_cast<const float*>(grad_pooled),
       reinterpret_cast<const uint8_t*>(codes), reinterpret_cast<const float*>(x),
       reinterpret_cast<const float*>(w), reinterpret_cast<float*>(grad_x),
-      reinterpret_cast<float*>(grad_w), num_threads);
+      reinterpret_cast<float*>(grad_w), num_threads, reinterpret_cast<const float*>(saved),
+      act_code, act_param, reinterpret_cast<float*>(grad_bias));
 }
 
 void conv2d_backward_weight(uintptr_t grad_pre, uintptr_t x, uintptr_t grad_w,
@@ -206,11 +212,17 @@ released meanwhile.)doc");
   m.def("conv2d_maxpool2d_backward", &conv2d_maxpool2d_backward, py::arg("grad_pooled"),
         py::arg("codes"), py::arg("x"), py::arg("w"), py::arg("grad_x"), py::arg("grad_w"),
         py::arg("shape"), py::arg("nhwc"), py::arg("num_threads"), py::arg("isa") = "",
+        py::arg("saved") = 0, py::arg("act_code") = 0, py::arg("act_param") = 0.0f,
+        py::arg("grad_bias") = 0,
         R"doc(The conv block's grad_x and grad_w (each 0 when not wanted) from the pooled dz.
 
 grad_pooled (dz at the winners, the activation's derivative applied) and codes (uint8 window
 codes, as conv2d_maxpool2d_forward wrote them): (n, c_out, h_out // 2, w_out // 2) in x's
 layout; shape, x, w as conv2d_maxpool2d_forward's; grad_x x's shape and layout, grad_w w's.
+With act_code relu or leaky_relu (act_param >= 0), grad_pooled is the pooled output's
+gradient and saved the pooled output (its shape and layout): dz = grad_pooled * act'(saved);
+grad_bias (c_out, or 0) then gets sum(dz) per channel (grad_w needed). Returns False for
+other activations.
 Only the winners' products, deterministic on any num_threads. Returns False, having written
 nothing, when grad_pooled (or x for grad_w, w for grad_x) is not all finite. The GIL is
 released meanwhile.)doc");

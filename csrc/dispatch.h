@@ -80,9 +80,14 @@ void conv2d_maxpool2d_forward(const IsaKernels& isa, const ConvGeometry& c, cons
 // elsewhere, from the winners' products alone. Returns false, having written nothing, when
 // grad_pooled, or x for grad_w, or w for grad_x, has an infinite or NaN value (torch's dense
 // sums keep 0 * inf = NaN: the caller runs the dense backward).
+// With act kRelu or kLeakyRelu (a slope >= 0), grad_pooled is the pooled output's gradient g
+// and saved the pooled output: dz = g * act'(saved), as activation_backward_rows computes it;
+// with grad_bias (c_out) it also writes sum(dz) per channel, and then needs grad_w.
 bool conv2d_maxpool2d_backward(const IsaKernels& isa, const ConvGeometry& c,
                                const float* grad_pooled, const uint8_t* codes, const float* x,
-                               const float* w, float* grad_x, float* grad_w, int threads);
+                               const float* w, float* grad_x, float* grad_w, int threads,
+                               const float* saved = nullptr, int act = kNone,
+                               float act_param = 0.0f, float* grad_bias = nullptr);
 
 // FLOP/s / 1e9 of the ISA's multiply-add loop on `threads` threads for about `seconds`.
 double fma_peak_gflops(const IsaKernels& isa, int threads, double seconds);

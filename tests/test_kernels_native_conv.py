@@ -776,6 +776,55 @@ def test_conv2d_maxpool2d_backward_declines_what_it_does_not_take():
         run_pooled_backward(x, w, params, (1, 5), grad, codes, torch.contiguous_format)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [CASES[6], CASES[10], CASES[3]], ids=["stem", "wide", "groups"])
+@pytest.mark.parametrize("code, param", [(A.RELU, 0.0), (A.LEAKY_RELU, 0.1)])
+def test_conv2d_maxpool2d_backward_applies_the_activation(isa, fmt, case, code, param):
+    """With act_code, grad_pooled is g and saved the pooled output: dx and dW the same bits as
+    conv2d_activation_backward's dz fed to the kernel, and db dz's per-channel sums."""
+    runs_here(isa)
+    x, w, params, conv_hw, grad, codes = pooled_backward_inputs(case, fmt)
+    out = torch.randn(grad.shape).contiguous(memory_format=fmt)
+    out[torch.rand(out.shape) < 0.3] = 0.0  # relu's zeros, where act' is 0 (or the slope)
+    saved = out.relu() if code == A.RELU else torch.where(out > 0, out, out * param)
+    dz = torch.empty_like(grad)
+    call("conv2d_activation_backward", grad, saved, dz, None, code, param, True, isa=isa)
+    ran, gx, gw = run_pooled_backward(x, w, params, conv_hw, dz, codes, fmt, isa)
+    gx1, gw1, gb = poisoned_like(x.shape, fmt), torch.full_like(w, float("nan")), torch.empty(
+        w.shape[0])
+    native_conv.check_conv2d_maxpool2d_backward(grad, codes, x, w, gx1, gw1, conv_hw, *params,
+                                                saved=saved, act_code=code, act_param=param,
+                                                grad_bias=gb)
+    assert ran and native_conv.conv2d_maxpool2d_backward(
+        grad, codes, x, w, gx1, gw1, conv_hw, *params, saved=saved, act_code=code,
+        act_param=param, grad_bias=gb, isa=isa)
+    assert torch.equal(gx1, gx) and torch.equal(gw1, gw)
+    ref = dz.double().sum((0, 2, 3))
+    assert_close(gb, ref, torch.float32, what="grad_bias", scale=dz.double().abs().sum((0, 2, 3)))
+
+
+def test_conv2d_maxpool2d_backward_activation_arguments():
+    """Activations it does not derive: False, nothing written; act without saved, or db without
+    dW: a named error."""
+    built()
+    fmt = torch.contiguous_format
+    x, w, params, conv_hw, grad, codes = pooled_backward_inputs(CASES[6], fmt)
+    gw = torch.full_like(w, float("nan"))
+    for code, param in ((A.SIGMOID, 0.0), (A.GELU, 0.0), (A.LEAKY_RELU, -0.2)):
+        assert not native_conv.conv2d_maxpool2d_backward(
+            grad, codes, x, w, None, gw, conv_hw, *params, saved=grad, act_code=code,
+            act_param=param)
+        assert gw.isnan().all()
+    with pytest.raises(ValueError, match="needs saved"):
+        native_conv.check_conv2d_maxpool2d_backward(grad, codes, x, w, None, gw, conv_hw,
+                                                    *params, act_code=A.RELU)
+    with pytest.raises(ValueError, match="grad_bias needs grad_weight"):
+        native_conv.check_conv2d_maxpool2d_backward(grad, codes, x, w, None, None, conv_hw,
+                                                    *params, saved=grad, act_code=A.RELU,
+                                                    grad_bias=torch.empty(w.shape[0]))
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_nchw_batch_smaller_than_the_team(n):
     """Fewer images than threads: the NCHW forward runs the whole batch through NHWC, pixels

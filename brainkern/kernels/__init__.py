@@ -128,13 +128,18 @@ Optionally, a backend fuses the conv block (brainkern/ops/conv_block.py) into on
 and, where it writes window codes, the block's backward from the pooled gradient:
 
 ``conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight, conv_hw,
-                            stride, padding, dilation, groups) -> bool``
+                            stride, padding, dilation, groups, *, saved=None,
+                            act_code=NONE, act_param=0.0, grad_bias=None) -> bool``
     grad_pooled: ``g * act'`` at the winners (out's shape and format), indices: the forward's
     (window codes or int64). grad_x (x's shape and format) and grad_weight (weight's) or None:
     the gradients of the convolution whose dz is grad_pooled at the winning taps and zero
     elsewhere, written whole. Returns False, having written nothing, for arguments it does not
     take (the ops layer then scatters dz and runs conv2d's backward kernels): a kernel that
-    skips the zeros of dz must decline where torch's dense sums keep 0 * inf = NaN.
+    skips the zeros of dz must decline where torch's dense sums keep 0 * inf = NaN. Where the
+    conv module lists activation codes in ``POOLED_ACTIVATIONS`` (output-saving ones), it also
+    takes ``act_code`` (one of them, with its ``act_param``): grad_pooled is then ``g`` and
+    ``saved`` the pooled output, ``dz = g * act'(saved)`` as conv2d_activation_backward computes
+    it, and ``grad_bias`` (C_out,) or None gets dz's per-channel sums (grad_weight needed).
 
 Pooling family (``pool``)
 -------------------------

@@ -18,7 +18,10 @@ Backward, with ``g = dL/dy`` on the pooled output and ``i`` the winning taps:
 A backend may instead take ``dz_pooled`` and the indices straight to ``dx`` and ``dW``,
 ``conv2d_maxpool2d_backward``: dz is zero off the winners, so their products alone (a quarter
 of the dense convolutions' multiply-adds) give the same gradients, and the full-size dz is
-never written.
+never written. For the activations it lists in ``POOLED_ACTIVATIONS`` (relu, leaky_relu) it
+also takes ``g`` and the pooled output and applies ``act'`` and reduces ``db`` as it reads
+them, so that ``dz_pooled`` is never written either (the stem's relu backward was a tenth of
+its fused step).
 
 A backend may fuse the forward in one kernel, ``conv2d_maxpool2d_forward`` (interface in
 brainkern/kernels/__init__.py); otherwise it is its conv2d and max_pool2d kernels in sequence
@@ -73,9 +76,20 @@ def _backward(conv_kern, pool_kern, grad_out, x, weight, out, indices, pre, geom
     need_x, need_w, need_b = needs
     # act'(z) at the winners: from the pooled output or the winners' pre-activation.
     saved = out if act is None or act.saves_output else pre
+    sparse = getattr(conv_kern, "conv2d_maxpool2d_backward", None)
+    if (sparse is not None and need_w and act is not None and act.saves_output
+            and act.code in getattr(conv_kern, "POOLED_ACTIVATIONS", ())):
+        # The kernel applies act' itself as it reads g: no pass (nor tensor) for dz_pooled.
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.empty_like(weight)
+        grad_b = grad_out.new_empty(weight.shape[0]) if need_b else None
+        if sparse(grad_out, indices, x, weight, grad_x, grad_w, geometry.out_hw,
+                  *geometry.kernel_args, saved=out, act_code=act.code, act_param=act.param,
+                  grad_bias=grad_b):
+            return grad_x, grad_w, grad_b
     grad_pooled, grad_b = conv.activation_backward(conv_kern, grad_out, saved, act, need_b, fmt)
     grad_x = grad_w = None
-    sparse = getattr(conv_kern, "conv2d_maxpool2d_backward", None)
     if (need_x or need_w) and sparse is not None:
         # dz is zero but at the winners: a backend may sum the winners' products alone.
         grad_x = torch.empty_like(x) if need_x else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from brainkern.activations import NONE
+from brainkern.activations import LEAKY_RELU, NONE, RELU
 from brainkern.activations import saves_output as _saves_output
 from brainkern.kernels.native import core as _native
 from brainkern.kernels.native.pool import _indices_or_codes, codes_to_indices_2x2
@@ -23,6 +23,8 @@ from brainkern.kernels.native.pool import _indices_or_codes, codes_to_indices_2x
 DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64)
 WINDOW_CODES = True  # conv2d_maxpool2d_forward takes uint8 window codes for indices
+# conv2d_maxpool2d_backward applies these activations' derivatives itself (act_code).
+POOLED_ACTIVATIONS = (RELU, LEAKY_RELU)
 
 _F32, _F64 = torch.float32, torch.float64
 _CHANNELS_LAST = torch.channels_last
@@ -102,8 +104,9 @@ def conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride
 
 
 def conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight, conv_hw,
-                              stride, padding, dilation, groups, *, isa=None,
-                              num_threads=None) -> bool:
+                              stride, padding, dilation, groups, *, saved=None,
+                              act_code=NONE, act_param=0.0, grad_bias=None,
+                              isa=None, num_threads=None) -> bool:
     """The conv block's ``grad_x`` and ``grad_weight`` (each None when not wanted) from the
     pooled ``dz``, the winners' products alone (a quarter of the dense backward's).
 
@@ -112,6 +115,12 @@ def conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weig
     conv_hw and the geometry as that kernel's. Returns False, having written nothing, where it
     does not run: float64, int64 indices, or a non-finite grad_pooled (or x for grad_weight,
     weight for grad_x), whose zeros' products torch's dense sums keep (0 * inf = NaN).
+
+    With ``act_code`` in ``POOLED_ACTIVATIONS`` (leaky_relu with ``act_param >= 0``),
+    grad_pooled is the pooled output's gradient and ``saved`` the pooled output (its shape and
+    format): dz = grad_pooled * act'(saved), the same bits as conv2d_activation_backward's,
+    and ``grad_bias`` (C_out,) or None gets dz's per-channel sums (then grad_weight is
+    needed). Other activations return False.
     """
     if x.dtype is _F64 or indices.dtype is not torch.uint8:
         return False
@@ -119,8 +128,8 @@ def conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weig
         grad_pooled.data_ptr(), indices.data_ptr(), x.data_ptr(), weight.data_ptr(),
         _ptr(grad_x), _ptr(grad_weight),
         _block_shape(x, weight, conv_hw, stride, padding, dilation, groups),
-        _is_nhwc(*(t for t in (x, grad_pooled, indices, grad_x) if t is not None)),
-        _threads(num_threads), isa or "")
+        _is_nhwc(*(t for t in (x, grad_pooled, indices, grad_x, saved) if t is not None)),
+        _threads(num_threads), isa or "", _ptr(saved), act_code, act_param, _ptr(grad_bias))
 
 
 def _compose_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
@@ -262,16 +271,26 @@ def check_conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, 
 
 
 def check_conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight,
-                                    conv_hw, stride, padding, dilation, groups) -> None:
+                                    conv_hw, stride, padding, dilation, groups, *, saved=None,
+                                    act_code=NONE, act_param=0.0,
+                                    grad_bias=None) -> None:
     """Raise a TypeError/ValueError if :func:`conv2d_maxpool2d_backward` cannot run these."""
     name = "conv2d_maxpool2d_backward"
     _check_conv_hw(name, conv_hw)
     if x.dtype is _F64 or indices.dtype is not torch.uint8:
         return
-    _check_block(name, x, weight, conv_hw, (stride, padding, dilation, groups),
-                 {"grad_pooled": grad_pooled, "indices": indices}, grad_pooled, grad_x,
-                 grad_weight)
-    _check_layouts(name, x, grad_pooled, indices, grad_x)
+    if act_code != NONE and saved is None:
+        raise ValueError(f"native {name}: act_code {act_code} needs saved (the pooled output)")
+    c_out = _check_block(name, x, weight, conv_hw, (stride, padding, dilation, groups),
+                         {"grad_pooled": grad_pooled, "indices": indices, "saved": saved},
+                         grad_pooled, grad_x, grad_weight,
+                         *(t for t in (saved, grad_bias) if t is not None))
+    _check_layouts(name, x, grad_pooled, indices, grad_x, saved)
+    if grad_bias is not None and (grad_bias.shape != (c_out,) or not grad_bias.is_contiguous()):
+        raise ValueError(f"native {name}: grad_bias must be contiguous ({c_out},), got "
+                         f"{tuple(grad_bias.shape)}")
+    if grad_bias is not None and grad_weight is None:
+        raise ValueError(f"native {name}: grad_bias needs grad_weight")
     if grad_x is not None and grad_x.shape != x.shape:
         raise ValueError(f"native {name}: grad_x {tuple(grad_x.shape)} must match x "
                          f"{tuple(x.shape)}")
