@@ -76,8 +76,7 @@ void conv2d_maxpool2d_forward(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_
   require(x != 0 || c.n * c.c_in * c.h * c.w == 0, fn, "x is null");
   require(w != 0 || c.c_out * c.c_in == 0, fn, "weight is null");
   require(out != 0 || out_size == 0, fn, "out is null");
-  require(((indices != 0) != (codes != 0)) || out_size == 0, fn,
-          "exactly one of indices and codes is needed");
+  require(indices == 0 || codes == 0, fn, "indices and codes are exclusive");
   const bk::IsaKernels& kernels = bk::isa_kernels(isa);
   py::gil_scoped_release release;
   bk::conv2d_maxpool2d_forward(kernels, c, reinterpret_cast<const float*>(x),
@@ -206,8 +205,9 @@ Layouts and the rest as conv2d_forward.)doc");
 
 shape as conv2d_forward's, (h_out, w_out) the conv output's size (at least 2 x 2); out, pre
 (or 0) float32, (n, c_out, h_out // 2, w_out // 2) in x's layout: the pooled maximum (NaN
-wins, first maximum on ties) and the pre-activation there; exactly one of indices (int64, its
-flat tap h * w_out + w) and codes (uint8, its place 2u + v in its window), alike. The GIL is
+wins, first maximum on ties) and the pre-activation there; at most one of indices (int64, its
+flat tap h * w_out + w) and codes (uint8, its place 2u + v in its window), alike (neither:
+no winner recorded, for inference). The GIL is
 released meanwhile.)doc");
   m.def("conv2d_maxpool2d_backward", &conv2d_maxpool2d_backward, py::arg("grad_pooled"),
         py::arg("codes"), py::arg("x"), py::arg("w"), py::arg("grad_x"), py::arg("grad_w"),

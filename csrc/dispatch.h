@@ -68,8 +68,8 @@ void conv2d_activation_backward_weight(const IsaKernels& isa, const ConvGeometry
 size_t conv_scratch_bytes();
 // The fused conv block: c describes the convolution (h_out, w_out: its full output, never
 // stored); out, indices and pre (or null) are (n, c_out, h_out / 2, w_out / 2) in c's layout:
-// act(conv + bias) max-pooled 2x2, stride 2, the winners' flat indices h * w_out + w and their
-// pre-activations.
+// act(conv + bias) max-pooled 2x2, stride 2, the winners' flat indices h * w_out + w (or
+// window codes 2u + v; both null: no winner recorded) and their pre-activations.
 void conv2d_maxpool2d_forward(const IsaKernels& isa, const ConvGeometry& c, const float* x,
                               const float* w, const float* bias, float* out, int64_t* indices,
                               uint8_t* codes, float* pre, int act, float act_param, int threads);

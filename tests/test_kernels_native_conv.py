@@ -609,6 +609,32 @@ def test_conv2d_maxpool2d_forward(isa, fmt, case, code, param):
     assert pre is None or torch.equal(pre_c, pre)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [CASES[6], CASES[10], CASES[28]], ids=["stem", "5x5", "5x5-b"])
+@pytest.mark.parametrize("code, param", [(A.RELU, 0.0), (A.GELU, 0.0)])
+def test_conv2d_maxpool2d_forward_without_winners(isa, fmt, case, code, param):
+    """indices None (inference): out alone, as accurate as with winners (a 5x5 layer on
+    Winograd for every activation, nothing settled); the same as with winners where those
+    run the same sums (the stem's direct sums)."""
+    runs_here(isa)
+    x, w, b, params = inputs(case)
+    conv_hw = out_size(case)
+    out = poisoned_like((x.shape[0], w.shape[0], conv_hw[0] // 2, conv_hw[1] // 2), fmt)
+    xf = x.contiguous(memory_format=fmt)
+    native_conv.check_conv2d_maxpool2d_forward(xf, w, b, out, None, None, conv_hw, *params, code,
+                                               param)
+    native_conv.conv2d_maxpool2d_forward(xf, w, b, out, None, None, conv_hw, *params, code,
+                                         param, isa=isa)
+    z = reference_conv(x.double(), w.double(), *params, conv_hw) + b.double()[:, None, None]
+    scale = F.max_pool2d(reference_conv(x.double().abs(), w.double().abs(), *params, conv_hw)
+                         + b.double().abs()[:, None, None], 2)
+    assert_close(out, F.max_pool2d(activation_reference(z, code, param), 2), torch.float32,
+                 what="out", scale=scale)
+    if case is CASES[6]:
+        assert torch.equal(out, run_block(x, w, b, params, conv_hw, fmt, code, param, isa)[0])
+
+
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6], CASES[10]],
                          ids=["rgb", "depthwise", "stem", "wide"])

@@ -41,13 +41,20 @@ from brainkern.ops._conv_geometry import ConvGeometry, conv2d_geometry, memory_f
 _POOL_ARGS = ((2, 2), (2, 2), (0, 0), (1, 1))  # kernel, stride, padding, dilation
 
 
-def _forward(conv_kern, pool_kern, x, weight, bias, geometry: ConvGeometry, act, fmt):
-    """(pooled out, indices, saved pre-activation at the winners or None)."""
+def _forward(conv_kern, pool_kern, x, weight, bias, geometry: ConvGeometry, act, fmt,
+             for_backward=True):
+    """(pooled out, indices, saved pre-activation at the winners or None). Without
+    ``for_backward`` a fused kernel records no winners (indices and pre are None)."""
     n, c_out = x.shape[0], weight.shape[0]
     pooled_hw = (geometry.out_hw[0] // 2, geometry.out_hw[1] // 2)
     out = torch.empty((n, c_out, *pooled_hw), dtype=x.dtype, device=x.device, memory_format=fmt)
     keeps_pre = act is not None and not act.saves_output
     fused = getattr(conv_kern, "conv2d_maxpool2d_forward", None)
+    if fused is not None and not for_backward:
+        code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
+        fused(x, weight, bias, out, None, None, geometry.out_hw, *geometry.kernel_args, code,
+              param)
+        return out, None, None
     # Window codes (an eighth of int64 indices' bytes: 4 MB less to allocate and write for the
     # CNN's stem) where the kernels that write and read them take them; the unfused sequence
     # gathers the pre-activation by torch's indices.
@@ -157,5 +164,5 @@ def conv2d_maxpool2d(input, weight, bias=None, stride=1, padding=0, dilation=1, 
                                      or (bias is not None and bias.requires_grad)):
         out = _apply(x, weight, bias, geometry, act, kerns, fmt)
     else:
-        out = _forward(*kerns, x, weight, bias, geometry, act, fmt)[0]
+        out = _forward(*kerns, x, weight, bias, geometry, act, fmt, for_backward=False)[0]
     return out.squeeze(0) if unbatched else out

@@ -89,18 +89,23 @@ def conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride
     (H_c, W_c) >= (2, 2), the conv output's size. out, pre: (N, C_out, H_c // 2, W_c // 2) in
     x's format (pre may be None); indices: int64, out's shape and format, the winning tap's
     flat ``h * W_c + w``, or uint8 window codes (``WINDOW_CODES``), its place ``2u + v`` in
-    its window; pre: the pre-activation at that tap. In C++ every chunk of conv outputs is
-    pooled while in cache; float64 composes Numba's conv and pool over a full-size scratch
-    output.
+    its window, or None where no winner is wanted (inference: the winners are then neither
+    written nor settled, conv_block_dispatch.inc); pre: the pre-activation at that tap. In C++
+    every chunk of conv outputs is pooled while in cache; float64 composes Numba's conv and
+    pool over a full-size scratch output.
     """
     if x.dtype is _F64:
+        if indices is None:
+            indices = torch.empty(out.shape, dtype=torch.int64, memory_format=(
+                _CHANNELS_LAST if _is_nhwc(x, out) else torch.contiguous_format))
         _compose_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, stride, padding,
                                    dilation, groups, act_code, act_param)
         return
     _native().conv2d_maxpool2d_forward(
         x.data_ptr(), weight.data_ptr(), _ptr(bias), out.data_ptr(), *_indices_or_codes(indices),
         _ptr(pre), _block_shape(x, weight, conv_hw, stride, padding, dilation, groups),
-        _is_nhwc(x, out, indices), act_code, act_param, _threads(num_threads), isa or "")
+        _is_nhwc(*(t for t in (x, out, indices) if t is not None)), act_code, act_param,
+        _threads(num_threads), isa or "")
 
 
 def conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, grad_weight, conv_hw,
@@ -262,7 +267,8 @@ def check_conv2d_maxpool2d_forward(x, weight, bias, out, indices, pre, conv_hw, 
     _check_conv_hw(name, conv_hw)
     if x.dtype is _F64:
         return
-    if indices.dtype not in (torch.int64, torch.uint8) or not indices.is_cpu:
+    if indices is not None and (indices.dtype not in (torch.int64, torch.uint8)
+                                or not indices.is_cpu):
         raise TypeError(f"native {name}: indices must be int64 (or uint8 window codes) on the "
                         f"CPU, got {indices.dtype} on {indices.device}")
     c_out = _check_block(name, x, weight, conv_hw, (stride, padding, dilation, groups),
