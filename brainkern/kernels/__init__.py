@@ -121,9 +121,10 @@ Optionally, a backend fuses the conv block (brainkern/ops/conv_block.py) into on
     out (N, C_out, H_c // 2, W_c // 2) = y max-pooled 2x2 with stride 2 (as
     max_pool2d_forward, NaN winning, first maximum on ties); indices (int64, out's shape and
     format) = the winning tap's flat ``h * W_c + w``, or, where the conv module sets
-    ``WINDOW_CODES = True``, uint8 window codes ``2u + v`` as the pool family's; pre (out's
-    shape) or None = the pre-activation at the winning tap (for activations whose derivative
-    needs it).
+    ``WINDOW_CODES = True``, uint8 window codes ``2u + v`` as the pool family's, or None
+    where no gradient will follow (the ops layer's inference path: no winner is recorded, and
+    pre is None too); pre (out's shape) or None = the pre-activation at the winning tap (for
+    activations whose derivative needs it).
 
 and, where it writes window codes, the block's backward from the pooled gradient:
 
