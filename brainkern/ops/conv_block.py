@@ -50,19 +50,16 @@ def _forward(conv_kern, pool_kern, x, weight, bias, geometry: ConvGeometry, act,
     out = torch.empty((n, c_out, *pooled_hw), dtype=x.dtype, device=x.device, memory_format=fmt)
     keeps_pre = act is not None and not act.saves_output
     fused = getattr(conv_kern, "conv2d_maxpool2d_forward", None)
-    if fused is not None and not for_backward:
-        code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
-        fused(x, weight, bias, out, None, None, geometry.out_hw, *geometry.kernel_args, code,
-              param)
-        return out, None, None
+    code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
+    records = for_backward or fused is None  # the unfused pooling always writes indices
     # Window codes (an eighth of int64 indices' bytes: 4 MB less to allocate and write for the
     # CNN's stem) where the kernels that write and read them take them; the unfused sequence
     # gathers the pre-activation by torch's indices.
     codes = getattr(pool_kern, "WINDOW_CODES", False) and (
         getattr(conv_kern, "WINDOW_CODES", False) if fused is not None else not keeps_pre)
-    indices = torch.empty_like(out, dtype=torch.uint8 if codes else torch.int64)
-    pre = torch.empty_like(out) if keeps_pre else None
-    code, param = (activations.NONE, 0.0) if act is None else (act.code, act.param)
+    indices = (torch.empty_like(out, dtype=torch.uint8 if codes else torch.int64) if records
+               else None)
+    pre = torch.empty_like(out) if keeps_pre and records else None
     if fused is not None:
         fused(x, weight, bias, out, indices, pre, geometry.out_hw, *geometry.kernel_args, code,
               param)

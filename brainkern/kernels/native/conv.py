@@ -289,8 +289,7 @@ def check_conv2d_maxpool2d_backward(grad_pooled, indices, x, weight, grad_x, gra
         raise ValueError(f"native {name}: act_code {act_code} needs saved (the pooled output)")
     c_out = _check_block(name, x, weight, conv_hw, (stride, padding, dilation, groups),
                          {"grad_pooled": grad_pooled, "indices": indices, "saved": saved},
-                         grad_pooled, grad_x, grad_weight,
-                         *(t for t in (saved, grad_bias) if t is not None))
+                         grad_pooled, grad_x, grad_weight, saved, grad_bias)
     _check_layouts(name, x, grad_pooled, indices, grad_x, saved)
     if grad_bias is not None and (grad_bias.shape != (c_out,) or not grad_bias.is_contiguous()):
         raise ValueError(f"native {name}: grad_bias must be contiguous ({c_out},), got "
