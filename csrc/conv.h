@@ -132,6 +132,21 @@ struct PooledGrad {
   int64_t lanes;
 };
 
+// A pooled plane's winners, as pooled_weight_grad's list (conv_pooled.inc's pooled_winners):
+// every pixel p < count, a zero's products adding nothing (for a ReLU only the windows whose
+// four taps are all <= 0, ~1/16, so no list is compacted): where[p] = base + window[p] +
+// (code & 1) * col + (code >> 1 & 1) * row, the winning tap's (0, 0) for code = codes[p *
+// stride]; grads[p] = dz = grad[p * stride] * (signs[p * stride] > 0 ? 1 : below).
+struct PooledPlane {
+  const float* grad;
+  const float* signs;
+  float below;
+  const uint8_t* codes;
+  int64_t stride;
+  const int64_t* window;
+  int64_t base, col, row, count;
+};
+
 struct ConvKernels {
   // NCHW: cols[k * rows + r] for k = (ci, i, j) of group g (weight's own order) and output
   // pixel p0 + r of image `image` (r < rows, p0 + rows <= h_out * w_out): the input tap, or 0.
@@ -207,6 +222,7 @@ struct ConvKernels {
                         int64_t tiles, float* g, int64_t g_step);
   void (*pooled_weight_grad)(const PooledGrad& a);
   void (*pooled_input_grad)(const PooledGrad& a);
+  void (*pooled_winners)(const PooledPlane& a, int64_t* where, float* grads);
   int64_t pooled_lanes;
 };
 
