@@ -254,8 +254,11 @@ def bench_blocks(results: list[Result]) -> None:
                         impls[f"{backend} {label} {layout}"] = Impl(
                             functools.partial(_step, block, t, mode), backend)
             label = case.label.replace("cnn", "cnn block", 1) + " +relu+maxpool2"
+            # 15 rounds, not 5: the fused stem's step is mostly memory passes, which this VM
+            # slows 2-5x for seconds at a time (README), and a median of 5 rounds moved its
+            # ratio to the unfused layers by 0.5x from run to run.
             results.extend(Result(f"{label} b{case.batch} {mode}", name, flops, s)
-                           for name, s in time_impls(impls, min_seconds=0.6, rounds=5).items())
+                           for name, s in time_impls(impls, min_seconds=1.5, rounds=15).items())
 
 
 def _run_all(fns):

@@ -136,7 +136,8 @@ struct PooledGrad {
 // every pixel p < count, a zero's products adding nothing (for a ReLU only the windows whose
 // four taps are all <= 0, ~1/16, so no list is compacted): where[p] = base + window[p] +
 // (code & 1) * col + (code >> 1 & 1) * row, the winning tap's (0, 0) for code = codes[p *
-// stride]; grads[p] = dz = grad[p * stride] * (signs[p * stride] > 0 ? 1 : below).
+// stride]; grads[p] = dz = grad[p * stride] * (signs[p * stride] > 0 ? 1 : below). Returns
+// whether every grad[p * stride] was finite.
 struct PooledPlane {
   const float* grad;
   const float* signs;
@@ -222,7 +223,7 @@ struct ConvKernels {
                         int64_t tiles, float* g, int64_t g_step);
   void (*pooled_weight_grad)(const PooledGrad& a);
   void (*pooled_input_grad)(const PooledGrad& a);
-  void (*pooled_winners)(const PooledPlane& a, int64_t* where, float* grads);
+  bool (*pooled_winners)(const PooledPlane& a, int64_t* where, float* grads);  // grad finite
   int64_t pooled_lanes;
 };
 

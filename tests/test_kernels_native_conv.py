@@ -774,7 +774,11 @@ def test_conv2d_maxpool2d_backward_declines_non_finite(fmt, where):
     t[1, 1, 1, 1] = float("inf") if where != "x" else float("nan")
     ran, gx, gw = run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt)
     assert not ran and gx.isnan().all() and gw.isnan().all()
-    if where != "grad":  # x only feeds dW, the weight only dx
+    if where == "grad":  # dW's pass finds it as it reads grad, dx alone before it runs
+        for need in ((True, False), (False, True)):
+            ran, gx, gw = run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt, need=need)
+            assert not ran and (gx if need[0] else gw).isnan().all()
+    else:  # x only feeds dW, the weight only dx
         need = (where == "x", where == "weight")
         ran, gx, gw = run_pooled_backward(x, w, params, conv_hw, grad, codes, fmt, need=need)
         (rx, rw), (sx, sw) = pooled_backward_reference(x, w, params, conv_hw, grad, codes)
