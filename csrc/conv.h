@@ -135,15 +135,14 @@ struct PooledGrad {
 // A pooled plane's winners, as pooled_weight_grad's list (conv_pooled.inc's pooled_winners):
 // every pixel p < count, a zero's products adding nothing (for a ReLU only the windows whose
 // four taps are all <= 0, ~1/16, so no list is compacted): where[p] = base + window[p] +
-// (code & 1) * col + (code >> 1 & 1) * row, the winning tap's (0, 0) for code = codes[p *
-// stride]; grads[p] = dz = grad[p * stride] * (signs[p * stride] > 0 ? 1 : below). Returns
-// whether every grad[p * stride] was finite.
+// (code & 1) * col + (code >> 1 & 1) * row, the winning tap's (0, 0) for code = codes[p];
+// grads[p] = dz = grad[p] * (signs[p] > 0 ? 1 : below). Returns whether every grad[p] was
+// finite.
 struct PooledPlane {
   const float* grad;
   const float* signs;
   float below;
   const uint8_t* codes;
-  int64_t stride;
   const int64_t* window;
   int64_t base, col, row, count;
 };
